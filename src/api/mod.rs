@@ -1,0 +1,589 @@
+//! The `OutboxRelay` custom resource (`outbox.dev/v1alpha1`).
+//!
+//! Validation lives in the schema wherever the API server can check it (enums,
+//! bounds, patterns, CEL rules), so a bad resource is refused at `kubectl apply`
+//! time with a message that names the field, instead of surfacing later as a
+//! failed reconcile.
+
+pub mod conditions;
+pub mod names;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every resource this operator owns.
+pub const GROUP: &str = "outbox.dev";
+
+/// Producer settings that would break the delivery guarantees if a user could
+/// override them through `spec.kafka.producer.config`.
+pub const PROTECTED_PRODUCER_KEYS: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "bootstrap.servers",
+    "enable.gapless.guarantee",
+    "transactional.id",
+];
+
+/// Declares one relay: which outbox table to stream from which database to which Kafka topics.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "outbox.dev",
+    version = "v1alpha1",
+    kind = "OutboxRelay",
+    plural = "outboxrelays",
+    singular = "outboxrelay",
+    shortname = "obr",
+    category = "outbox",
+    namespaced,
+    status = "OutboxRelayStatus",
+    derive = "PartialEq",
+    doc = "Relays rows inserted into a PostgreSQL outbox table to Kafka through logical replication.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
+    printcolumn(name = "Table", type_ = "string", json_path = ".spec.outbox.table"),
+    printcolumn(name = "Topic", type_ = "string", json_path = ".status.destination"),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.slot.lagBytes", description = "Bytes of WAL not yet confirmed by the relay"),
+    printcolumn(name = "Slot", type_ = "string", json_path = ".status.slot.name", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelaySpec {
+    /// The PostgreSQL database that holds the outbox table.
+    pub database: DatabaseSpec,
+    /// The outbox table and how its columns map onto Kafka records.
+    pub outbox: OutboxSpec,
+    /// Where the records go.
+    pub kafka: KafkaSpec,
+    /// Replication slot and publication (names and lag thresholds).
+    #[serde(default)]
+    pub replication: ReplicationSpec,
+    /// What happens to events that Kafka refuses for good.
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+    /// What happens to the slot and publication when this resource is deleted.
+    /// `Delete` drops both (an orphaned slot pins WAL on the primary until its disk fills up);
+    /// `Retain` keeps them, e.g. to hand the slot to another relay.
+    #[serde(default)]
+    pub cleanup_policy: CleanupPolicy,
+    /// The worker pods that run the relay.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+    /// Stops the worker (scales it to zero) while keeping the slot, so no event is lost.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Connection to PostgreSQL. Credentials always come from a Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Host name or address of the primary (logical slots live on the primary).
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// TCP port.
+    #[serde(default = "default_pg_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Database name.
+    #[schemars(length(min = 1, max = 63))]
+    pub database: String,
+    /// TLS towards PostgreSQL, with libpq's `sslmode` meaning.
+    #[serde(default)]
+    pub tls: PgTlsSpec,
+    /// Secret with the user name and password of a role with the REPLICATION attribute.
+    pub credentials_secret_ref: CredentialsSecretRef,
+}
+
+fn default_pg_port() -> i32 {
+    5432
+}
+
+/// TLS settings for PostgreSQL.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(self.mode in ['VerifyCa', 'VerifyFull']) || has(self.caSecretRef)").message("caSecretRef is required when mode is VerifyCa or VerifyFull").field_path(".caSecretRef"))]
+pub struct PgTlsSpec {
+    /// `Disable`, `Prefer` (TLS when the server offers it), `Require`, `VerifyCa`, `VerifyFull`.
+    #[serde(default)]
+    pub mode: PgSslMode,
+    /// CA certificate (PEM) that signs the server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
+/// libpq's `sslmode`, in CamelCase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum PgSslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// A Secret in the resource's namespace holding a user name and a password.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the user name.
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// Key of the password.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// One key of a Secret in the resource's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// The outbox table and its columns. Defaults follow Debezium's outbox event router,
+/// so an existing Debezium outbox table works unchanged.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxSpec {
+    /// Schema-qualified table name, e.g. `public.outbox`. Names are used exactly as written (quoted).
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$"))]
+    pub table: String,
+    /// Column mapping.
+    #[serde(default)]
+    pub columns: ColumnMapping,
+    /// Delete relayed rows from the table after Kafka acknowledged them. Not needed when the
+    /// application deletes the row in the same transaction that inserts it (the WAL still
+    /// carries the insert, and the table never grows).
+    #[serde(default)]
+    pub delete_after_relay: bool,
+}
+
+/// Names of the outbox table's columns.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ColumnMapping {
+    /// Unique event id; sent as the `id` header (consumers deduplicate on it).
+    #[serde(default = "col_id")]
+    #[schemars(length(min = 1, max = 63))]
+    pub id: String,
+    /// Aggregate type; the default routing column.
+    #[serde(default = "col_aggregate_type")]
+    #[schemars(length(min = 1, max = 63))]
+    pub aggregate_type: String,
+    /// Aggregate id; becomes the record key, so one aggregate's events stay in order in one partition.
+    #[serde(default = "col_aggregate_id")]
+    #[schemars(length(min = 1, max = 63))]
+    pub aggregate_id: String,
+    /// Event type; sent as the `type` header.
+    #[serde(default = "col_type")]
+    #[schemars(length(min = 1, max = 63))]
+    pub event_type: String,
+    /// Payload, sent as stored (json, jsonb, text or bytea).
+    #[serde(default = "col_payload")]
+    #[schemars(length(min = 1, max = 63))]
+    pub payload: String,
+    /// Optional column with a JSON object whose string values become extra record headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub headers: Option<String>,
+}
+
+fn col_id() -> String {
+    "id".into()
+}
+fn col_aggregate_type() -> String {
+    "aggregatetype".into()
+}
+fn col_aggregate_id() -> String {
+    "aggregateid".into()
+}
+fn col_type() -> String {
+    "type".into()
+}
+fn col_payload() -> String {
+    "payload".into()
+}
+
+impl Default for ColumnMapping {
+    fn default() -> Self {
+        Self {
+            id: col_id(),
+            aggregate_type: col_aggregate_type(),
+            aggregate_id: col_aggregate_id(),
+            event_type: col_type(),
+            payload: col_payload(),
+            headers: None,
+        }
+    }
+}
+
+/// Kafka destination and producer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.topic) != has(self.routeBy)").message("set exactly one of topic and routeBy"))]
+pub struct KafkaSpec {
+    /// Comma-separated `host:port` list.
+    #[schemars(length(min = 1, max = 4096))]
+    pub bootstrap_servers: String,
+    /// Static topic for every event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,249}$"))]
+    pub topic: Option<String>,
+    /// Route each event by a column's value through a topic template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_by: Option<RouteBy>,
+    /// Producer tuning.
+    #[serde(default)]
+    pub producer: ProducerSpec,
+    /// Client security (TLS, SASL).
+    #[serde(default)]
+    pub security: KafkaSecurity,
+}
+
+/// Topic routing by a column, like Debezium's `route.by.field` and `route.topic.replacement`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteBy {
+    /// Column whose value names the topic.
+    #[serde(default = "col_aggregate_type")]
+    #[schemars(length(min = 1, max = 63))]
+    pub column: String,
+    /// Topic name with `${routedByValue}` replaced by the column's value.
+    #[serde(default = "default_topic_template")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]*\$\{routedByValue\}[A-Za-z0-9._-]*$"))]
+    pub topic_template: String,
+}
+
+fn default_topic_template() -> String {
+    "outbox.event.${routedByValue}".into()
+}
+
+/// Producer settings. Idempotence and `acks=all` are always on and cannot be overridden.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProducerSpec {
+    /// Batch compression.
+    #[serde(default)]
+    pub compression: Compression,
+    /// How long the producer waits to fill a batch, in milliseconds.
+    #[serde(default = "default_linger_ms")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub linger_ms: i32,
+    /// Largest record the relay sends; must not exceed the topic's `max.message.bytes`.
+    /// Larger events are handled by `spec.delivery.poisonPolicy`.
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 1024, max = 104857600))]
+    pub max_message_bytes: i32,
+    /// Further librdkafka producer properties. Keys that would weaken delivery guarantees are refused.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, !(k in ['enable.idempotence', 'acks', 'request.required.acks', 'max.in.flight.requests.per.connection', 'max.in.flight', 'bootstrap.servers', 'enable.gapless.guarantee', 'transactional.id']))").message("config must not override idempotence, acks, in-flight limits, bootstrap servers or transactions"))]
+    pub config: BTreeMap<String, String>,
+}
+
+fn default_linger_ms() -> i32 {
+    5
+}
+fn default_max_message_bytes() -> i32 {
+    1_048_576
+}
+
+impl Default for ProducerSpec {
+    fn default() -> Self {
+        Self {
+            compression: Compression::default(),
+            linger_ms: default_linger_ms(),
+            max_message_bytes: default_max_message_bytes(),
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+/// Record batch compression codec.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    #[default]
+    Lz4,
+    Zstd,
+}
+
+impl Compression {
+    /// The librdkafka `compression.codec` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Kafka client security.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(self.protocol in ['SaslPlaintext', 'SaslSsl']) || (has(self.saslMechanism) && has(self.credentialsSecretRef))").message("SASL protocols need saslMechanism and credentialsSecretRef").field_path(".credentialsSecretRef"),
+)]
+pub struct KafkaSecurity {
+    /// `Plaintext`, `Ssl`, `SaslPlaintext` or `SaslSsl`.
+    #[serde(default)]
+    pub protocol: KafkaProtocol,
+    /// SASL mechanism.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// Secret with the SASL user name and password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<CredentialsSecretRef>,
+    /// CA certificate (PEM) for the brokers' certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Kafka `security.protocol`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum KafkaProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl KafkaProtocol {
+    /// The librdkafka `security.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaProtocol::Plaintext => "plaintext",
+            KafkaProtocol::Ssl => "ssl",
+            KafkaProtocol::SaslPlaintext => "sasl_plaintext",
+            KafkaProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+/// SASL mechanism.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka `sasl.mechanism` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// Replication slot, publication and lag alerting.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationSpec {
+    /// Logical replication slot. Defaults to one derived from namespace and name.
+    /// Cannot change after creation: a new slot would start from the current WAL position and skip events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9_]{1,63}$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("slotName is immutable"))]
+    pub slot_name: Option<String>,
+    /// Publication for the outbox table. Defaults to one derived from namespace and name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9_]{1,63}$"))]
+    pub publication_name: Option<String>,
+    /// Lag thresholds for conditions, Events and alerts.
+    #[serde(default)]
+    pub lag: LagThresholds,
+}
+
+/// Lag thresholds, in bytes of WAL between the server's position and the slot's confirmed position.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.warningBytes < self.criticalBytes").message("warningBytes must be below criticalBytes").field_path(".warningBytes"))]
+pub struct LagThresholds {
+    /// Lag at which the `SlotHealthy` condition turns False with reason `LagWarning`.
+    #[serde(default = "default_lag_warning")]
+    #[schemars(range(min = 1))]
+    pub warning_bytes: i64,
+    /// Lag at which the relay is reported degraded with reason `LagCritical`.
+    #[serde(default = "default_lag_critical")]
+    #[schemars(range(min = 1))]
+    pub critical_bytes: i64,
+}
+
+fn default_lag_warning() -> i64 {
+    256 * 1024 * 1024
+}
+fn default_lag_critical() -> i64 {
+    4 * 1024 * 1024 * 1024
+}
+
+impl Default for LagThresholds {
+    fn default() -> Self {
+        Self {
+            warning_bytes: default_lag_warning(),
+            critical_bytes: default_lag_critical(),
+        }
+    }
+}
+
+/// Handling of events Kafka refuses for good (too large, topic missing, not authorized).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.poisonPolicy != 'DeadLetter' || has(self.deadLetterTopic)").message("deadLetterTopic is required when poisonPolicy is DeadLetter").field_path(".deadLetterTopic"))]
+pub struct DeliverySpec {
+    /// `Stop` (default) halts the relay at the event and reports it, so nothing is lost or reordered;
+    /// `DeadLetter` sends it to `deadLetterTopic` with the reason in a header and goes on.
+    #[serde(default)]
+    pub poison_policy: PoisonPolicy,
+    /// Topic for events that cannot be delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9._-]{1,249}$"))]
+    pub dead_letter_topic: Option<String>,
+}
+
+/// What to do with an event Kafka refuses for good.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum PoisonPolicy {
+    #[default]
+    Stop,
+    DeadLetter,
+}
+
+/// What deletion of the resource does to the slot and publication.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum CleanupPolicy {
+    #[default]
+    Delete,
+    Retain,
+}
+
+/// Worker pod settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Image of the worker; defaults to the operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+    /// 1 runs one worker; 2 adds a hot standby that takes the slot over when the active one dies.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 2))]
+    pub replicas: i32,
+    /// Resource requests and limits of the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector of the worker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the worker pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Log filter of the worker (tracing `EnvFilter` syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            replicas: default_replicas(),
+            resources: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            log_level: None,
+        }
+    }
+}
+
+/// Observed state, written by the operator with server-side apply.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelayStatus {
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` and finer conditions; keyed by type so several writers can own different ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Static topic, or the routing template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// Facts about the replication slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<SlotStatus>,
+    /// Commit time of the last event the relay delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_time: Option<Time>,
+}
+
+/// What PostgreSQL says about the slot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotStatus {
+    /// Slot name.
+    pub name: String,
+    /// Whether a worker is streaming from it.
+    #[serde(default)]
+    pub active: bool,
+    /// Position up to which the relay confirmed delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_flush_lsn: Option<String>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (`pg_replication_slots.wal_status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_status: Option<String>,
+    /// WAL bytes between the server's current position and the confirmed position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<i64>,
+}
+
+impl OutboxRelay {
+    /// Static topic or routing template, as shown in `kubectl get`.
+    pub fn destination(&self) -> String {
+        match (&self.spec.kafka.topic, &self.spec.kafka.route_by) {
+            (Some(t), _) => t.clone(),
+            (None, Some(r)) => r.topic_template.clone(),
+            (None, None) => String::new(),
+        }
+    }
+}

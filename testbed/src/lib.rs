@@ -1,0 +1,1 @@
+//! Test bed: real servers on loopback.
