@@ -2,8 +2,15 @@
 //!
 //! Module map (see docs/architecture.md):
 //! - [`api`]: the `OutboxRelay` resource, its conditions and reasons.
+//! - [`postgres`]: SQL side: connecting, prerequisites, publication and slot, lag.
 //! - [`relay`]: the worker's data path (replication stream, pgoutput, records, checkpoints).
+//! - [`kafka`]: producer settings, delivery reports and error kinds.
+//! - [`metrics`], [`http`]: Prometheus metrics and the health/metrics endpoints.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod postgres;
 pub mod relay;

@@ -3,6 +3,13 @@
 //! Nothing in here knows about Kubernetes; the operator renders the worker's
 //! configuration and the worker only sees PostgreSQL and Kafka.
 
+pub mod checkpoint;
+pub mod config;
 pub mod lsn;
+pub mod mapping;
 pub mod pgoutput;
 pub mod replication;
+pub mod retention;
+pub mod session;
+pub mod state;
+pub mod worker;

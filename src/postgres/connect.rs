@@ -1,0 +1,420 @@
+//! Opening a regular (SQL) connection to PostgreSQL, with libpq's `sslmode` semantics.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::error::{render_chain, render_db_error};
+use super::PgError;
+use crate::api::{DatabaseSpec, PgSslMode};
+
+/// How long a connection attempt (TCP, TLS and authentication together) may take.
+/// Bounded so a black-holed host fails a reconcile quickly instead of hanging it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP keepalive idle time. The default of two hours would let a connection to a
+/// vanished server look healthy for far too long.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// Where and as whom to connect.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgConnectConfig {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: Option<String>,
+    pub ssl_mode: PgSslMode,
+    /// CA certificate(s), PEM. Required for `VerifyCa`/`VerifyFull`; with `Require`
+    /// it upgrades the check to `VerifyCa`, as libpq does when a root certificate exists.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Shown in `pg_stat_activity`, so a DBA can tell which relay holds a connection.
+    pub application_name: String,
+}
+
+// Hand-written so the password never reaches a log line.
+impl fmt::Debug for PgConnectConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConnectConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("<{} bytes>", p.len())))
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+impl PgConnectConfig {
+    /// Builds the settings from a resource's `spec.database` and the values read
+    /// from its Secrets.
+    pub fn from_spec(
+        spec: &DatabaseSpec,
+        user: impl Into<String>,
+        password: Option<String>,
+        ca_pem: Option<Vec<u8>>,
+        application_name: impl Into<String>,
+    ) -> Result<Self, PgError> {
+        let port = u16::try_from(spec.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| PgError::InvalidConfig {
+                reason: format!("port {} is outside 1..=65535", spec.port),
+            })?;
+        Ok(Self {
+            host: spec.host.clone(),
+            port,
+            dbname: spec.database.clone(),
+            user: user.into(),
+            password,
+            ssl_mode: spec.tls.mode,
+            ca_pem,
+            application_name: application_name.into(),
+        })
+    }
+
+    /// The tokio-postgres settings (without TLS, which [`connect`] adds).
+    pub fn to_tokio_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .dbname(&self.dbname)
+            .user(&self.user)
+            .application_name(&self.application_name)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .ssl_mode(match self.ssl_mode {
+                PgSslMode::Disable => SslMode::Disable,
+                PgSslMode::Prefer => SslMode::Prefer,
+                // Certificate checks happen in our rustls config; to tokio-postgres
+                // all three only mean "TLS or nothing".
+                PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull => SslMode::Require,
+            });
+        if let Some(pw) = &self.password {
+            c.password(pw);
+        }
+        c
+    }
+}
+
+/// Connects, spawns the connection's I/O task and returns the client.
+///
+/// Failures are sorted into what a user has to fix: an unreachable server,
+/// rejected credentials, a missing database, or TLS trouble.
+pub async fn connect(cfg: &PgConnectConfig) -> Result<Client, PgError> {
+    let pg = cfg.to_tokio_config();
+    let tls = tls_client_config(cfg.ssl_mode, cfg.ca_pem.as_deref())?;
+    let attempt = async {
+        match tls {
+            None => {
+                let (client, conn) = pg.connect(NoTls).await?;
+                spawn_connection(conn);
+                Ok(client)
+            }
+            Some(tls) => {
+                let (client, conn) = pg.connect(MakeRustlsConnect::new(tls)).await?;
+                spawn_connection(conn);
+                Ok(client)
+            }
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(classify_connect_error(cfg, &e)),
+        Err(_) => Err(PgError::DatabaseUnreachable {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            detail: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+fn spawn_connection<F>(conn: F)
+where
+    F: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        // The client sees the same failure on its next call; this is only for the log.
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %render_chain(&e), "PostgreSQL connection closed with an error");
+        }
+    });
+}
+
+fn classify_connect_error(cfg: &PgConnectConfig, e: &tokio_postgres::Error) -> PgError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        return if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+            PgError::AuthenticationFailed {
+                user: cfg.user.clone(),
+                detail: render_db_error(db),
+            }
+        } else if *code == SqlState::INVALID_CATALOG_NAME {
+            PgError::DatabaseNotFound {
+                database: cfg.dbname.clone(),
+            }
+        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            PgError::InsufficientPrivilege {
+                action: format!("connect to database {:?}", cfg.dbname),
+                detail: render_db_error(db),
+            }
+        } else {
+            // Starting up, shutting down, too many connections: the server is there
+            // but not taking us now, which a later attempt can fix.
+            PgError::DatabaseUnreachable {
+                host: cfg.host.clone(),
+                port: cfg.port,
+                detail: render_db_error(db),
+            }
+        };
+    }
+    let detail = render_chain(e);
+    // tokio-postgres does not expose its error kinds; its fixed Display texts for
+    // them ("error performing TLS handshake", "authentication error") are what is
+    // left to tell them apart. A rustls error anywhere in the chain is TLS as well.
+    let top = e.to_string();
+    if top.starts_with("error performing TLS handshake") || has_cause::<rustls::Error>(e) {
+        PgError::TlsHandshake {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            detail,
+        }
+    } else if top.starts_with("authentication error") {
+        PgError::AuthenticationFailed {
+            user: cfg.user.clone(),
+            detail,
+        }
+    } else {
+        PgError::DatabaseUnreachable {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            detail,
+        }
+    }
+}
+
+fn has_cause<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        if e.is::<T>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// The rustls client configuration for an `sslmode`, or `None` for `Disable`.
+///
+/// Follows libpq: `Prefer` and `Require` encrypt without checking the certificate
+/// (unless `Require` is given a CA, which makes it `VerifyCa`); `VerifyCa` checks
+/// the chain against the CA; `VerifyFull` also checks that the certificate names
+/// the host. Public so other PostgreSQL connections of the crate can share it.
+pub fn tls_client_config(mode: PgSslMode, ca_pem: Option<&[u8]>) -> Result<Option<ClientConfig>, PgError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier: Arc<dyn ServerCertVerifier> = match (mode, ca_pem) {
+        (PgSslMode::Disable, _) => return Ok(None),
+        (PgSslMode::Prefer, _) | (PgSslMode::Require, None) => Arc::new(NoCertificateCheck {
+            provider: provider.clone(),
+        }),
+        (PgSslMode::Require | PgSslMode::VerifyCa, Some(pem)) => Arc::new(ChainOnly {
+            inner: webpki_verifier(pem, &provider)?,
+        }),
+        (PgSslMode::VerifyFull, Some(pem)) => webpki_verifier(pem, &provider)?,
+        (PgSslMode::VerifyCa | PgSslMode::VerifyFull, None) => {
+            return Err(PgError::TlsConfig {
+                reason: format!("sslmode {mode:?} needs a CA certificate (spec.database.tls.caSecretRef)"),
+            });
+        }
+    };
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgError::TlsConfig { reason: e.to_string() })?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Some(config))
+}
+
+fn webpki_verifier(pem: &[u8], provider: &Arc<CryptoProvider>) -> Result<Arc<WebPkiServerVerifier>, PgError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| PgError::TlsConfig {
+            reason: format!("CA certificate is not valid PEM: {e}"),
+        })?;
+        roots.add(cert).map_err(|e| PgError::TlsConfig {
+            reason: format!("CA certificate is unusable: {e}"),
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(PgError::TlsConfig {
+            reason: "CA data contains no PEM certificate".into(),
+        });
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| PgError::TlsConfig { reason: e.to_string() })
+}
+
+/// `sslmode=prefer/require` without a CA: encryption without authentication of the
+/// server. The handshake signatures are still checked, so the session is bound to
+/// the key in whatever certificate the server sent.
+#[derive(Debug)]
+struct NoCertificateCheck {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for NoCertificateCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `sslmode=verify-ca`: the chain must lead to the CA, but the certificate need not
+/// name the host (servers behind a Service often carry only their pod's name).
+#[derive(Debug)]
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            // Name checks run after the chain has been validated, so a name
+            // mismatch implies the chain itself is good.
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CredentialsSecretRef, PgTlsSpec};
+
+    fn spec(port: i32) -> DatabaseSpec {
+        DatabaseSpec {
+            host: "db.example".into(),
+            port,
+            database: "app".into(),
+            tls: PgTlsSpec::default(),
+            credentials_secret_ref: CredentialsSecretRef {
+                name: "s".into(),
+                username_key: "username".into(),
+                password_key: "password".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn from_spec_checks_port() {
+        let ok = PgConnectConfig::from_spec(&spec(5432), "u", Some("p".into()), None, "relay").unwrap();
+        assert_eq!(ok.port, 5432);
+        assert_eq!(ok.ssl_mode, PgSslMode::Prefer);
+        for bad in [0, -1, 65536] {
+            let e = PgConnectConfig::from_spec(&spec(bad), "u", None, None, "relay").unwrap_err();
+            assert_eq!(e.category(), "InvalidSpec");
+        }
+    }
+
+    #[test]
+    fn debug_hides_password() {
+        let c = PgConnectConfig::from_spec(&spec(5432), "u", Some("hunter2".into()), None, "relay").unwrap();
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2"), "{s}");
+        assert!(s.contains("redacted"));
+    }
+
+    #[test]
+    fn tls_modes() {
+        assert!(tls_client_config(PgSslMode::Disable, None).unwrap().is_none());
+        assert!(tls_client_config(PgSslMode::Prefer, None).unwrap().is_some());
+        assert!(tls_client_config(PgSslMode::Require, None).unwrap().is_some());
+        for mode in [PgSslMode::VerifyCa, PgSslMode::VerifyFull] {
+            let e = tls_client_config(mode, None).unwrap_err();
+            assert_eq!(e.category(), "TlsConfigInvalid");
+            let e = tls_client_config(mode, Some(b"not a certificate")).unwrap_err();
+            assert_eq!(e.category(), "TlsConfigInvalid");
+        }
+    }
+}

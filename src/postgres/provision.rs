@@ -1,0 +1,582 @@
+//! Checks and creates what the relay needs in the database: the publication for
+//! the outbox table and the logical replication slot.
+//!
+//! Every function here is idempotent and safe to run on each reconcile, also by
+//! two callers at once: existing objects are checked instead of recreated, and a
+//! lost creation race counts as "already exists".
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use super::PgError;
+use super::error::query_error;
+use super::ident::{QualifiedTable, quote_ident, validate_identifier, validate_slot_name};
+use crate::api::ColumnMapping;
+
+/// The only output plugin the relay decodes.
+pub const OUTPUT_PLUGIN: &str = "pgoutput";
+
+/// Oldest supported server: `pg_replication_slots.wal_status`/`safe_wal_size` and
+/// `publish_via_partition_root` exist from 13 on, and 12 is out of support.
+pub const MIN_SERVER_VERSION_NUM: i32 = 130_000;
+
+/// What [`check_prerequisites`] learned about the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prerequisites {
+    /// `server_version`, e.g. `16.4 (Debian 16.4-1)`.
+    pub server_version: String,
+    /// `server_version_num`, e.g. `160004`.
+    pub server_version_num: i32,
+    /// `pg_current_wal_lsn()` when checked, e.g. `0/1A2B3C8`.
+    pub current_wal_lsn: String,
+    pub current_user: String,
+    pub database: String,
+    pub is_superuser: bool,
+    /// The table is partitioned (its rows live in partitions).
+    pub table_partitioned: bool,
+    /// Our slot already exists (it then needs no free slot).
+    pub slot_exists: bool,
+    pub replication_slots_used: i64,
+    pub max_replication_slots: i64,
+}
+
+/// What an `ensure_*` call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provisioned {
+    Created,
+    /// Existed but had drifted and was repaired.
+    Updated,
+    Unchanged,
+}
+
+impl Provisioned {
+    pub fn changed(self) -> bool {
+        self != Provisioned::Unchanged
+    }
+}
+
+/// Types the payload column may have; the relay sends its value as stored.
+const PAYLOAD_TYPES: &[&str] = &["json", "jsonb", "text", "varchar", "bytea"];
+/// Types the optional headers column may have (a JSON object, possibly stored as text).
+const HEADERS_TYPES: &[&str] = &["json", "jsonb", "text", "varchar"];
+
+/// Checks that the server, the role and the table can feed the relay.
+///
+/// In order: a primary of version 13+, `wal_level = logical`, the table and every
+/// mapped column exist, the payload and headers columns have usable types, the role
+/// may replicate, and a replication slot is free (or `slot_name` already exists).
+pub async fn check_prerequisites(
+    client: &Client,
+    table: &QualifiedTable,
+    columns: &ColumnMapping,
+    slot_name: &str,
+) -> Result<Prerequisites, PgError> {
+    validate_slot_name(slot_name)?;
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'),
+                    current_setting('server_version_num')::int4,
+                    current_setting('wal_level'),
+                    pg_is_in_recovery(),
+                    CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END,
+                    current_user::text,
+                    current_database()::text,
+                    r.rolsuper,
+                    r.rolreplication
+                    -- Managed services (Amazon RDS/Aurora) grant replication through
+                    -- membership in this role instead of the REPLICATION attribute.
+                    OR EXISTS (SELECT 1 FROM pg_roles g
+                               WHERE g.rolname = 'rds_replication' AND pg_has_role(g.oid, 'MEMBER')),
+                    current_setting('max_replication_slots')::int8,
+                    (SELECT count(*) FROM pg_replication_slots),
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[&slot_name],
+        )
+        .await
+        .map_err(|e| query_error("read server settings", e))?;
+
+    let server_version: String = row.get(0);
+    let server_version_num: i32 = row.get(1);
+    let wal_level: String = row.get(2);
+    let in_recovery: bool = row.get(3);
+    let current_wal_lsn: Option<String> = row.get(4);
+    let current_user: String = row.get(5);
+    let database: String = row.get(6);
+    let is_superuser: bool = row.get(7);
+    let can_replicate: bool = row.get(8);
+    let max_replication_slots: i64 = row.get(9);
+    let replication_slots_used: i64 = row.get(10);
+    let slot_exists: bool = row.get(11);
+
+    if in_recovery {
+        return Err(PgError::ServerIsStandby);
+    }
+    if server_version_num < MIN_SERVER_VERSION_NUM {
+        return Err(PgError::UnsupportedServerVersion { version: server_version });
+    }
+    if wal_level != "logical" {
+        return Err(PgError::WalLevelNotLogical { actual: wal_level });
+    }
+
+    let table_partitioned = check_table(client, table, columns).await?;
+
+    if !(is_superuser || can_replicate) {
+        return Err(PgError::InsufficientPrivilege {
+            action: "stream logical replication".into(),
+            detail: format!(
+                "role {current_user:?} needs the REPLICATION attribute (ALTER ROLE {} WITH REPLICATION) or superuser",
+                quote_ident(&current_user)
+            ),
+        });
+    }
+    if !slot_exists && replication_slots_used >= max_replication_slots {
+        return Err(PgError::SlotLimitReached {
+            max: max_replication_slots,
+            used: replication_slots_used,
+        });
+    }
+
+    Ok(Prerequisites {
+        server_version,
+        server_version_num,
+        current_wal_lsn: current_wal_lsn.unwrap_or_default(),
+        current_user,
+        database,
+        is_superuser,
+        table_partitioned,
+        slot_exists,
+        replication_slots_used,
+        max_replication_slots,
+    })
+}
+
+/// Checks the table and its mapped columns; returns whether it is partitioned.
+async fn check_table(client: &Client, table: &QualifiedTable, columns: &ColumnMapping) -> Result<bool, PgError> {
+    // Exact catalog lookup rather than to_regclass(): names are case-sensitive
+    // as written, and a lookup by value needs no quoting.
+    let rel = client
+        .query_opt(
+            "SELECT c.oid, c.relkind::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| query_error("look up the outbox table", e))?;
+    let Some(rel) = rel else {
+        return Err(PgError::TableNotFound {
+            table: table.unquoted(),
+        });
+    };
+    let oid: u32 = rel.get(0);
+    let relkind: String = rel.get(1);
+    let partitioned = match relkind.as_str() {
+        "r" => false,
+        "p" => true,
+        other => {
+            return Err(PgError::NotATable {
+                table: table.unquoted(),
+                kind: relkind_name(other),
+            });
+        }
+    };
+
+    let rows = client
+        .query(
+            // Domains are resolved to their base type, so a `jsonb`-based domain passes.
+            // Generated columns are flagged: pgoutput leaves them out of the stream.
+            "SELECT a.attname::text,
+                    COALESCE(bt.typname, t.typname)::text,
+                    format_type(a.atttypid, a.atttypmod),
+                    a.attgenerated <> ''
+             FROM pg_attribute a
+             JOIN pg_type t ON t.oid = a.atttypid
+             LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| query_error("read the outbox table's columns", e))?;
+    struct Col {
+        name: String,
+        base_type: String,
+        shown_type: String,
+        generated: bool,
+    }
+    let cols: Vec<Col> = rows
+        .iter()
+        .map(|r| Col {
+            name: r.get(0),
+            base_type: r.get(1),
+            shown_type: r.get(2),
+            generated: r.get(3),
+        })
+        .collect();
+
+    let mut mapped: Vec<(&'static str, &str, Option<&[&str]>)> = vec![
+        ("id", &columns.id, None),
+        ("aggregateType", &columns.aggregate_type, None),
+        ("aggregateId", &columns.aggregate_id, None),
+        ("eventType", &columns.event_type, None),
+        ("payload", &columns.payload, Some(PAYLOAD_TYPES)),
+    ];
+    if let Some(h) = &columns.headers {
+        mapped.push(("headers", h, Some(HEADERS_TYPES)));
+    }
+    for (field, column, allowed) in mapped {
+        let Some(col) = cols.iter().find(|c| c.name == column) else {
+            return Err(PgError::ColumnNotFound {
+                table: table.unquoted(),
+                column: column.to_string(),
+                field,
+            });
+        };
+        if col.generated {
+            return Err(PgError::UnsupportedColumnType {
+                table: table.unquoted(),
+                column: column.to_string(),
+                field,
+                reason: "it is a generated column, and logical replication does not carry generated columns".into(),
+            });
+        }
+        if let Some(allowed) = allowed
+            && !allowed.contains(&col.base_type.as_str())
+        {
+            return Err(PgError::UnsupportedColumnType {
+                table: table.unquoted(),
+                column: column.to_string(),
+                field,
+                reason: format!("its type is {} but must be one of {}", col.shown_type, allowed.join(", ")),
+            });
+        }
+    }
+    Ok(partitioned)
+}
+
+fn relkind_name(relkind: &str) -> &'static str {
+    match relkind {
+        "v" => "view",
+        "m" => "materialized view",
+        "f" => "foreign table",
+        "i" | "I" => "index",
+        "S" => "sequence",
+        "c" => "composite type",
+        "t" => "TOAST table",
+        _ => "relation of another kind",
+    }
+}
+
+/// Creates the publication for exactly `table`, inserts only, or repairs one that drifted.
+///
+/// Only inserts are published: updates, deletes and truncates of an outbox table are
+/// never events (deleting relayed rows is housekeeping), and not publishing them
+/// saves the server the work of decoding them. `publish_via_partition_root` makes
+/// rows of a partitioned outbox arrive under the table's own name.
+pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTable) -> Result<Provisioned, PgError> {
+    validate_identifier("publication name", name)?;
+    let create = format!(
+        "CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert', publish_via_partition_root = true)",
+        quote_ident(name)
+    );
+    if read_publication(client, name).await?.is_none() {
+        match client.batch_execute(&create).await {
+            Ok(()) => return Ok(Provisioned::Created),
+            // Another caller created it between our look and our create; check theirs.
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Err(e) => return Err(query_error("create the publication", e)),
+        }
+    }
+    let Some(publication) = read_publication(client, name).await? else {
+        // Dropped again right after the creation race; let the next call create it.
+        return Err(PgError::PublicationConflict {
+            publication: name.to_string(),
+            detail: "it was dropped concurrently; retry".into(),
+        });
+    };
+    if publication.all_tables {
+        return Err(PgError::PublicationConflict {
+            publication: name.to_string(),
+            detail: "it is FOR ALL TABLES and cannot be narrowed to one table; drop it or choose another name".into(),
+        });
+    }
+
+    let mut changed = false;
+    let only_our_table = publication.tables.len() == 1
+        && publication.tables[0].0 == table.schema
+        && publication.tables[0].1 == table.name
+        && !publication.filtered
+        && publication.schemas == 0;
+    if !only_our_table {
+        let sql = format!("ALTER PUBLICATION {} SET TABLE {table}", quote_ident(name));
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| query_error("set the publication's table", e))?;
+        changed = true;
+    }
+    let options_ok = publication.insert
+        && !publication.update
+        && !publication.delete
+        && !publication.truncate
+        && publication.via_root;
+    if !options_ok {
+        let sql = format!(
+            "ALTER PUBLICATION {} SET (publish = 'insert', publish_via_partition_root = true)",
+            quote_ident(name)
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| query_error("set the publication's options", e))?;
+        changed = true;
+    }
+    Ok(if changed {
+        Provisioned::Updated
+    } else {
+        Provisioned::Unchanged
+    })
+}
+
+struct PublicationState {
+    all_tables: bool,
+    insert: bool,
+    update: bool,
+    delete: bool,
+    truncate: bool,
+    via_root: bool,
+    /// (schema, table) of each listed table.
+    tables: Vec<(String, String)>,
+    /// Some listed table has a row filter or a column list (PostgreSQL 15+).
+    filtered: bool,
+    /// Schemas published with `TABLES IN SCHEMA` (PostgreSQL 15+).
+    schemas: i64,
+}
+
+async fn read_publication(client: &Client, name: &str) -> Result<Option<PublicationState>, PgError> {
+    let action = "read the publication";
+    let Some(row) = client
+        .query_opt(
+            "SELECT oid, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot,
+                    current_setting('server_version_num')::int4
+             FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| query_error(action, e))?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    let version: i32 = row.get(7);
+    // Row filters, column lists and schema publications only exist from 15 on.
+    let (filter_expr, schemas_sql) = if version >= 150_000 {
+        (
+            "pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL",
+            "SELECT count(*) FROM pg_publication_namespace WHERE pnpubid = $1",
+        )
+    } else {
+        ("false", "SELECT 0::int8 WHERE $1::oid IS NOT NULL")
+    };
+    let tables = client
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, {filter_expr}
+                 FROM pg_publication_rel pr
+                 JOIN pg_class c ON c.oid = pr.prrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE pr.prpubid = $1"
+            ),
+            &[&oid],
+        )
+        .await
+        .map_err(|e| query_error(action, e))?;
+    let schemas: i64 = client
+        .query_one(schemas_sql, &[&oid])
+        .await
+        .map_err(|e| query_error(action, e))?
+        .get(0);
+    Ok(Some(PublicationState {
+        all_tables: row.get(1),
+        insert: row.get(2),
+        update: row.get(3),
+        delete: row.get(4),
+        truncate: row.get(5),
+        via_root: row.get(6),
+        filtered: tables.iter().any(|r| r.get::<_, bool>(2)),
+        tables: tables.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        schemas,
+    }))
+}
+
+/// Creates the logical replication slot (plugin `pgoutput`) unless it exists, and
+/// checks that an existing one is usable: logical, `pgoutput`, in this database,
+/// not temporary.
+///
+/// Creating a slot waits until transactions running at that moment have finished,
+/// so a long-running transaction on the server delays this call.
+pub async fn ensure_slot(client: &Client, name: &str) -> Result<Provisioned, PgError> {
+    validate_slot_name(name)?;
+    if read_slot(client, name).await?.is_none() {
+        match client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, $2)",
+                &[&name, &OUTPUT_PLUGIN],
+            )
+            .await
+        {
+            Ok(_) => return Ok(Provisioned::Created),
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Err(e) => return Err(slot_create_error(client, e).await),
+        }
+    }
+    let Some(slot) = read_slot(client, name).await? else {
+        return Err(PgError::SlotConflict {
+            slot: name.to_string(),
+            detail: "it was dropped concurrently; retry".into(),
+        });
+    };
+    let problem = if slot.slot_type != "logical" {
+        Some(format!("it is a {} slot, not a logical one", slot.slot_type))
+    } else if slot.plugin.as_deref() != Some(OUTPUT_PLUGIN) {
+        Some(format!(
+            "it uses output plugin {:?}, not {OUTPUT_PLUGIN:?}",
+            slot.plugin.unwrap_or_default()
+        ))
+    } else if slot.database.as_deref() != Some(slot.current_database.as_str()) {
+        Some(format!(
+            "it belongs to database {:?}, not {:?}",
+            slot.database.unwrap_or_default(),
+            slot.current_database
+        ))
+    } else if slot.temporary {
+        Some("it is a temporary slot of another session".into())
+    } else {
+        None
+    };
+    match problem {
+        Some(detail) => Err(PgError::SlotConflict {
+            slot: name.to_string(),
+            detail,
+        }),
+        None => Ok(Provisioned::Unchanged),
+    }
+}
+
+async fn slot_create_error(client: &Client, e: tokio_postgres::Error) -> PgError {
+    // The last free slot can be taken between check_prerequisites and here.
+    if e.code() == Some(&SqlState::CONFIGURATION_LIMIT_EXCEEDED) {
+        let counts = client
+            .query_one(
+                "SELECT current_setting('max_replication_slots')::int8, (SELECT count(*) FROM pg_replication_slots)",
+                &[],
+            )
+            .await;
+        if let Ok(row) = counts {
+            return PgError::SlotLimitReached {
+                max: row.get(0),
+                used: row.get(1),
+            };
+        }
+    }
+    query_error("create the replication slot", e)
+}
+
+struct SlotRow {
+    slot_type: String,
+    plugin: Option<String>,
+    database: Option<String>,
+    temporary: bool,
+    current_database: String,
+}
+
+async fn read_slot(client: &Client, name: &str) -> Result<Option<SlotRow>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT slot_type, plugin::text, database::text, temporary, current_database()::text
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| query_error("read the replication slot", e))?;
+    Ok(row.map(|r| SlotRow {
+        slot_type: r.get(0),
+        plugin: r.get(1),
+        database: r.get(2),
+        temporary: r.get(3),
+        current_database: r.get(4),
+    }))
+}
+
+/// How often [`drop_slot`] tries again when the slot is taken back between freeing it and dropping it.
+const DROP_ATTEMPTS: u32 = 5;
+/// How long [`drop_slot`] waits for a terminated holder to let go of the slot.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Drops the slot; returns whether it existed. A session streaming from the slot
+/// is terminated first (a slot cannot be dropped while active): this is meant for
+/// deleting a relay, whose worker is going away anyway.
+pub async fn drop_slot(client: &Client, name: &str) -> Result<bool, PgError> {
+    validate_slot_name(name)?;
+    let mut last_pid = None;
+    for _ in 0..DROP_ATTEMPTS {
+        let Some(pid) = active_pid(client, name).await? else {
+            return Ok(false);
+        };
+        if let Some(pid) = pid {
+            last_pid = Some(pid);
+            client
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .map_err(|e| query_error("terminate the session holding the replication slot", e))?;
+            wait_until_released(client, name).await?;
+        }
+        match client.execute("SELECT pg_drop_replication_slot($1)", &[&name]).await {
+            Ok(_) => return Ok(true),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => return Ok(false),
+            // Taken again (e.g. a restarting worker) right after it was freed: go round.
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => continue,
+            Err(e) => return Err(query_error("drop the replication slot", e)),
+        }
+    }
+    Err(PgError::SlotInUse {
+        slot: name.to_string(),
+        pid: last_pid.unwrap_or_default(),
+    })
+}
+
+/// `None`: no such slot; `Some(None)`: exists, inactive; `Some(Some(pid))`: held by `pid`.
+async fn active_pid(client: &Client, name: &str) -> Result<Option<Option<i32>>, PgError> {
+    let row = client
+        .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&name])
+        .await
+        .map_err(|e| query_error("read the replication slot", e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+async fn wait_until_released(client: &Client, name: &str) -> Result<(), PgError> {
+    let deadline = Instant::now() + RELEASE_WAIT;
+    while Instant::now() < deadline {
+        match active_pid(client, name).await? {
+            None | Some(None) => return Ok(()),
+            Some(Some(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    Ok(())
+}
+
+/// Drops the publication; returns whether it existed.
+pub async fn drop_publication(client: &Client, name: &str) -> Result<bool, PgError> {
+    validate_identifier("publication name", name)?;
+    let existed = read_publication(client, name).await?.is_some();
+    if existed {
+        let sql = format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name));
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| query_error("drop the publication", e))?;
+    }
+    Ok(existed)
+}

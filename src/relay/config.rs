@@ -1,0 +1,325 @@
+//! The worker's runtime configuration, resolved from an `OutboxRelay` spec plus
+//! the credentials the pod receives (environment variables filled from Secrets,
+//! CA files mounted from Secrets). Pure: reading the environment happens in
+//! [`Credentials::from_env`], everything else is a function of its inputs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::mapping::{Destination, ROUTED_BY_VALUE};
+use super::replication::{ReplicationConfig, SslMode};
+use crate::api::names::{default_publication_name, default_slot_name};
+use crate::api::{ColumnMapping, OutboxRelaySpec, PgSslMode, PoisonPolicy};
+use crate::kafka::KafkaSettings;
+use crate::postgres::{PgConnectConfig, QualifiedTable};
+
+/// Environment variables the worker reads its secrets from.
+pub mod env {
+    pub const DB_USERNAME: &str = "OUTBOX_DB_USERNAME";
+    pub const DB_PASSWORD: &str = "OUTBOX_DB_PASSWORD";
+    pub const KAFKA_USERNAME: &str = "OUTBOX_KAFKA_USERNAME";
+    pub const KAFKA_PASSWORD: &str = "OUTBOX_KAFKA_PASSWORD";
+    pub const PG_CA_FILE: &str = "OUTBOX_PG_CA_FILE";
+    pub const KAFKA_CA_FILE: &str = "OUTBOX_KAFKA_CA_FILE";
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("environment variable {0} is not set (the worker's Secret reference is missing or has no such key)")]
+    MissingEnv(&'static str),
+    #[error("outbox table: {0}")]
+    InvalidTable(String),
+    #[error("cannot read {what} {path}: {detail}")]
+    UnreadableFile { what: &'static str, path: String, detail: String },
+    #[error("spec.kafka sets neither topic nor routeBy")]
+    NoDestination,
+    #[error("topic template {0:?} does not contain ${{routedByValue}}")]
+    InvalidTemplate(String),
+    #[error("database port {0} is out of range")]
+    InvalidPort(i32),
+    #[error("spec.delivery.poisonPolicy is DeadLetter but deadLetterTopic is not set")]
+    NoDeadLetterTopic,
+}
+
+impl ConfigError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            ConfigError::MissingEnv(_) => "SecretKeyMissing",
+            _ => "InvalidSpec",
+        }
+    }
+}
+
+/// Secrets as the worker sees them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub db_username: String,
+    pub db_password: Option<String>,
+    pub kafka_username: Option<String>,
+    pub kafka_password: Option<String>,
+    pub pg_ca_file: Option<PathBuf>,
+    /// Contents of `pg_ca_file` (the SQL connection takes PEM bytes).
+    pub pg_ca_pem: Option<Vec<u8>>,
+    pub kafka_ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Hand-written so secrets never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("db_username", &self.db_username)
+            .field("kafka_username", &self.kafka_username)
+            .field("pg_ca_file", &self.pg_ca_file)
+            .field("kafka_ca_file", &self.kafka_ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let pg_ca_file = get(env::PG_CA_FILE).map(PathBuf::from);
+        let pg_ca_pem = match &pg_ca_file {
+            Some(p) => Some(std::fs::read(p).map_err(|e| ConfigError::UnreadableFile {
+                what: "PostgreSQL CA file",
+                path: p.display().to_string(),
+                detail: e.to_string(),
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            db_username: get(env::DB_USERNAME).ok_or(ConfigError::MissingEnv(env::DB_USERNAME))?,
+            db_password: get(env::DB_PASSWORD),
+            kafka_username: get(env::KAFKA_USERNAME),
+            kafka_password: get(env::KAFKA_PASSWORD),
+            pg_ca_file,
+            pg_ca_pem,
+            kafka_ca_file: get(env::KAFKA_CA_FILE).map(PathBuf::from),
+        })
+    }
+}
+
+/// Knobs with good defaults; tests and benchmarks shorten some of them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tuning {
+    /// Standby status update at least this often, even with nothing new
+    /// (PostgreSQL drops a silent client after `wal_sender_timeout`, 60 s by default).
+    pub status_interval: Duration,
+    /// A newly confirmable position is sent after at most this long.
+    pub confirm_interval: Duration,
+    /// Reading WAL pauses while this many events wait for Kafka.
+    pub max_in_flight: usize,
+    /// With events in flight and no acknowledgement for this long, the worker reports not ready.
+    pub stall_after: Duration,
+    /// Pause between attempts after a failed session (doubles up to `max_backoff`).
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How often a standby worker tries to take the slot over.
+    pub standby_poll: Duration,
+    /// On shutdown, how long to wait for Kafka to acknowledge what is in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            status_interval: Duration::from_secs(10),
+            confirm_interval: Duration::from_millis(100),
+            max_in_flight: crate::kafka::MAX_IN_FLIGHT,
+            stall_after: Duration::from_secs(15),
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            standby_poll: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything one worker needs.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub namespace: String,
+    pub name: String,
+    pub replication: ReplicationConfig,
+    pub slot: String,
+    pub publication: String,
+    /// SQL connection (only used for `deleteAfterRelay`).
+    pub sql: PgConnectConfig,
+    pub table: QualifiedTable,
+    pub columns: ColumnMapping,
+    pub destination: Destination,
+    pub kafka: KafkaSettings,
+    pub max_message_bytes: usize,
+    pub poison: PoisonPolicy,
+    pub dead_letter_topic: Option<String>,
+    pub delete_after_relay: bool,
+    pub tuning: Tuning,
+}
+
+impl RelayConfig {
+    pub fn from_spec(namespace: &str, name: &str, spec: &OutboxRelaySpec, creds: &Credentials) -> Result<Self, ConfigError> {
+        let table = QualifiedTable::parse(&spec.outbox.table).map_err(|e| ConfigError::InvalidTable(e.to_string()))?;
+        let destination = match (&spec.kafka.topic, &spec.kafka.route_by) {
+            (Some(t), _) => Destination::Static(t.clone()),
+            (None, Some(r)) => {
+                if !r.topic_template.contains(ROUTED_BY_VALUE) {
+                    return Err(ConfigError::InvalidTemplate(r.topic_template.clone()));
+                }
+                Destination::Routed {
+                    column: r.column.clone(),
+                    template: r.topic_template.clone(),
+                }
+            }
+            (None, None) => return Err(ConfigError::NoDestination),
+        };
+        if spec.delivery.poison_policy == PoisonPolicy::DeadLetter && spec.delivery.dead_letter_topic.is_none() {
+            return Err(ConfigError::NoDeadLetterTopic);
+        }
+        let port = u16::try_from(spec.database.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or(ConfigError::InvalidPort(spec.database.port))?;
+        let mut replication = ReplicationConfig::new(&spec.database.host, port, &creds.db_username, &spec.database.database);
+        replication.password = creds.db_password.clone();
+        let application_name = format!("outbox-relay/{namespace}/{name}");
+        replication.application_name = application_name.clone();
+        replication.ssl_mode = ssl_mode(spec.database.tls.mode);
+        replication.ssl_root_cert = creds.pg_ca_file.clone();
+
+        let p = &spec.kafka.producer;
+        let s = &spec.kafka.security;
+        Ok(Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            replication,
+            slot: spec
+                .replication
+                .slot_name
+                .clone()
+                .unwrap_or_else(|| default_slot_name(namespace, name)),
+            publication: spec
+                .replication
+                .publication_name
+                .clone()
+                .unwrap_or_else(|| default_publication_name(namespace, name)),
+            sql: PgConnectConfig {
+                host: spec.database.host.clone(),
+                port,
+                dbname: spec.database.database.clone(),
+                user: creds.db_username.clone(),
+                password: creds.db_password.clone(),
+                ssl_mode: spec.database.tls.mode,
+                ca_pem: creds.pg_ca_pem.clone(),
+                application_name,
+            },
+            table,
+            columns: spec.outbox.columns.clone(),
+            destination,
+            kafka: KafkaSettings {
+                bootstrap_servers: spec.kafka.bootstrap_servers.clone(),
+                compression: p.compression,
+                linger_ms: p.linger_ms,
+                max_message_bytes: p.max_message_bytes,
+                extra: p.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                protocol: s.protocol,
+                sasl_mechanism: s.sasl_mechanism,
+                sasl_username: creds.kafka_username.clone(),
+                sasl_password: creds.kafka_password.clone(),
+                ca_location: creds.kafka_ca_file.clone(),
+            },
+            max_message_bytes: usize::try_from(p.max_message_bytes).unwrap_or(usize::MAX),
+            poison: spec.delivery.poison_policy,
+            dead_letter_topic: spec.delivery.dead_letter_topic.clone(),
+            delete_after_relay: spec.outbox.delete_after_relay,
+            tuning: Tuning::default(),
+        })
+    }
+}
+
+fn ssl_mode(m: PgSslMode) -> SslMode {
+    match m {
+        PgSslMode::Disable => SslMode::Disable,
+        PgSslMode::Prefer => SslMode::Prefer,
+        PgSslMode::Require => SslMode::Require,
+        PgSslMode::VerifyCa => SslMode::VerifyCa,
+        PgSslMode::VerifyFull => SslMode::VerifyFull,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::*;
+
+    pub fn spec() -> OutboxRelaySpec {
+        serde_json::from_value(serde_json::json!({
+            "database": {"host": "db", "database": "shop", "credentialsSecretRef": {"name": "pg"}},
+            "outbox": {"table": "public.outbox"},
+            "kafka": {"bootstrapServers": "k:9092", "topic": "orders"}
+        }))
+        .unwrap()
+    }
+
+    fn creds() -> Credentials {
+        Credentials {
+            db_username: "relay".into(),
+            db_password: Some("pw".into()),
+            ..Credentials::default()
+        }
+    }
+
+    #[test]
+    fn defaults_from_a_minimal_spec() {
+        let c = RelayConfig::from_spec("shop", "orders", &spec(), &creds()).unwrap();
+        assert_eq!(c.slot, "outbox_shop_orders");
+        assert_eq!(c.publication, "outbox_shop_orders");
+        assert_eq!((c.table.schema.as_str(), c.table.name.as_str()), ("public", "outbox"));
+        assert_eq!(c.destination, Destination::Static("orders".into()));
+        assert_eq!(c.replication.port, 5432);
+        assert_eq!(c.replication.ssl_mode, SslMode::Prefer);
+        assert_eq!(c.kafka.compression, Compression::Lz4);
+        assert_eq!(c.max_message_bytes, 1_048_576);
+        assert_eq!(c.poison, PoisonPolicy::Stop);
+    }
+
+    #[test]
+    fn routing_and_explicit_names() {
+        let mut s = spec();
+        s.kafka.topic = None;
+        s.kafka.route_by = Some(RouteBy {
+            column: "aggregatetype".into(),
+            topic_template: "ev.${routedByValue}".into(),
+        });
+        s.replication.slot_name = Some("my_slot".into());
+        let c = RelayConfig::from_spec("a", "b", &s, &creds()).unwrap();
+        assert_eq!(c.slot, "my_slot");
+        assert!(matches!(c.destination, Destination::Routed { .. }));
+    }
+
+    #[test]
+    fn bad_inputs_are_named() {
+        let mut s = spec();
+        s.outbox.table = "outbox".into();
+        assert!(matches!(
+            RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(),
+            ConfigError::InvalidTable(_)
+        ));
+        let mut s = spec();
+        s.kafka.topic = None;
+        assert_eq!(RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(), ConfigError::NoDestination);
+        let mut s = spec();
+        s.delivery.poison_policy = PoisonPolicy::DeadLetter;
+        assert_eq!(
+            RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(),
+            ConfigError::NoDeadLetterTopic
+        );
+    }
+
+    #[test]
+    fn credentials_debug_hides_secrets() {
+        let text = format!("{:?}", creds());
+        assert!(!text.contains("pw"), "{text}");
+    }
+}

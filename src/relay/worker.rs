@@ -1,0 +1,135 @@
+//! The worker's supervisor: runs sessions, backs off after failures, waits as a
+//! hot standby while another worker holds the slot, and stops cleanly on signal.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::config::RelayConfig;
+use super::session::{self, SessionEnd};
+use super::state::{Phase, RelayState};
+use crate::kafka::BrokerHealth;
+use crate::metrics::RelayMetrics;
+
+/// A running relay's shared parts, for the HTTP endpoints and for tests.
+#[derive(Clone)]
+pub struct RelayHandle {
+    pub metrics: RelayMetrics,
+    pub state: Arc<RelayState>,
+    pub kafka: Arc<BrokerHealth>,
+}
+
+impl RelayHandle {
+    pub fn new() -> Self {
+        Self {
+            metrics: RelayMetrics::new(),
+            state: Arc::new(RelayState::default()),
+            kafka: Arc::new(BrokerHealth::default()),
+        }
+    }
+}
+
+impl Default for RelayHandle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs the relay until `shutdown` turns true. Never returns an error: every
+/// failure is logged, counted, reported through readiness and retried, because
+/// giving up would leave the slot retaining WAL with nobody reading it.
+pub async fn run(cfg: RelayConfig, handle: RelayHandle, shutdown: watch::Receiver<bool>) {
+    let span = info_span!("relay", namespace = %cfg.namespace, name = %cfg.name, slot = %cfg.slot);
+    async move {
+        let deletions = spawn_deleter(&cfg, &handle, shutdown.clone());
+        let mut backoff = cfg.tuning.min_backoff;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let started = Instant::now();
+            let result = session::run(
+                &cfg,
+                &handle.metrics,
+                &handle.state,
+                &handle.kafka,
+                deletions.as_ref(),
+                shutdown.clone(),
+            )
+            .await;
+            let wait = match result {
+                Ok(SessionEnd::Shutdown) => return,
+                Err(e) if e.is_slot_in_use() => {
+                    if handle.state.phase() != Phase::Standby {
+                        info!("slot is held by another worker; waiting as hot standby");
+                    }
+                    handle.state.set_phase(Phase::Standby);
+                    backoff = cfg.tuning.min_backoff;
+                    cfg.tuning.standby_poll
+                }
+                Err(e) => {
+                    let category = e.category();
+                    handle.metrics.error(category);
+                    handle.state.set_error(category, e.to_string());
+                    // A session that ran for a while made progress: start the backoff over.
+                    if started.elapsed() > cfg.tuning.max_backoff {
+                        backoff = cfg.tuning.min_backoff;
+                    }
+                    warn!(error = %e, category, retry_in_ms = backoff.as_millis() as u64, "session ended");
+                    let w = backoff;
+                    backoff = (backoff * 2).min(cfg.tuning.max_backoff);
+                    w
+                }
+            };
+            let mut sd = shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = sd.changed() => return,
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// With `deleteAfterRelay`, a task that deletes delivered rows in batches over
+/// its own SQL connection, so deletes never slow the replication stream.
+fn spawn_deleter(
+    cfg: &RelayConfig,
+    handle: &RelayHandle,
+    shutdown: watch::Receiver<bool>,
+) -> Option<mpsc::UnboundedSender<Vec<Bytes>>> {
+    if !cfg.delete_after_relay {
+        return None;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cfg = cfg.clone();
+    let metrics = handle.metrics.clone();
+    tokio::spawn(super::retention::run(cfg, metrics, rx, shutdown).in_current_span());
+    Some(tx)
+}
+
+/// Waits for SIGTERM or Ctrl-C and flips the shutdown flag.
+pub async fn shutdown_on_signal(tx: watch::Sender<bool>) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("shutting down");
+    let _ = tx.send(true);
+}
+
