@@ -11,14 +11,22 @@ use tokio::sync::watch;
 
 use crate::relay::worker::RelayHandle;
 
+/// Binds first, so a taken port fails the start instead of a later scrape.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
 /// Serves the endpoints until `shutdown` turns true.
-pub async fn serve(addr: SocketAddr, handle: RelayHandle, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: RelayHandle,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(handle);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;

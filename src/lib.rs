@@ -14,3 +14,4 @@ pub mod kafka;
 pub mod metrics;
 pub mod postgres;
 pub mod relay;
+pub mod telemetry;

@@ -285,7 +285,7 @@ pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTa
         match client.batch_execute(&create).await {
             Ok(()) => return Ok(Provisioned::Created),
             // Another caller created it between our look and our create; check theirs.
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Err(e) if lost_creation_race(&e) => {}
             Err(e) => return Err(query_error("create the publication", e)),
         }
     }
@@ -338,6 +338,13 @@ pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTa
     } else {
         Provisioned::Unchanged
     })
+}
+
+/// Two callers creating the same object: the loser gets `duplicate_object` when the
+/// winner had committed before its check, or `unique_violation` (from the catalog's
+/// unique index) when both passed the check and the loser waited on the winner's commit.
+fn lost_creation_race(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::DUPLICATE_OBJECT) || e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
 struct PublicationState {
@@ -428,7 +435,7 @@ pub async fn ensure_slot(client: &Client, name: &str) -> Result<Provisioned, PgE
             .await
         {
             Ok(_) => return Ok(Provisioned::Created),
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Err(e) if lost_creation_race(&e) => {}
             Err(e) => return Err(slot_create_error(client, e).await),
         }
     }

@@ -33,6 +33,8 @@ pub enum ConfigError {
     InvalidTable(String),
     #[error("cannot read {what} {path}: {detail}")]
     UnreadableFile { what: &'static str, path: String, detail: String },
+    #[error("relay spec: {0}")]
+    InvalidSpecFile(String),
     #[error("spec.kafka sets neither topic nor routeBy")]
     NoDestination,
     #[error("topic template {0:?} does not contain ${{routedByValue}}")]
@@ -98,6 +100,32 @@ impl Credentials {
             pg_ca_pem,
             kafka_ca_file: get(env::KAFKA_CA_FILE).map(PathBuf::from),
         })
+    }
+}
+
+/// A relay definition read from a file: a whole `OutboxRelay` resource (name and
+/// namespace from its metadata) or a bare spec. YAML or JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpecFile {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub spec: OutboxRelaySpec,
+}
+
+impl SpecFile {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let value: serde_json::Value =
+            serde_norway::from_str(text).map_err(|e| ConfigError::InvalidSpecFile(e.to_string()))?;
+        let (name, namespace, spec) = match value.get("spec") {
+            Some(spec) => {
+                let meta = value.get("metadata");
+                let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(|v| v.as_str()).map(str::to_string);
+                (field("name"), field("namespace"), spec.clone())
+            }
+            None => (None, None, value),
+        };
+        let spec = serde_json::from_value(spec).map_err(|e| ConfigError::InvalidSpecFile(e.to_string()))?;
+        Ok(Self { name, namespace, spec })
     }
 }
 
@@ -315,6 +343,17 @@ mod tests {
             RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(),
             ConfigError::NoDeadLetterTopic
         );
+    }
+
+    #[test]
+    fn spec_file_takes_a_resource_or_a_bare_spec() {
+        let resource = "apiVersion: outbox.dev/v1alpha1\nkind: OutboxRelay\nmetadata: {name: orders, namespace: shop}\nspec:\n  database: {host: db, database: shop, credentialsSecretRef: {name: pg}}\n  outbox: {table: public.outbox}\n  kafka: {bootstrapServers: 'k:9092', topic: orders}\n";
+        let f = SpecFile::parse(resource).unwrap();
+        assert_eq!((f.name.as_deref(), f.namespace.as_deref()), (Some("orders"), Some("shop")));
+        assert_eq!(f.spec, spec());
+        let bare = serde_json::to_string(&spec()).unwrap();
+        assert_eq!(SpecFile::parse(&bare).unwrap().spec, spec());
+        assert!(matches!(SpecFile::parse("database: 3"), Err(ConfigError::InvalidSpecFile(_))));
     }
 
     #[test]

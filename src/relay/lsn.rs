@@ -42,7 +42,9 @@ impl Lsn {
 
 /// Why a string is not an LSN.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid LSN {input:?}: expected two hexadecimal numbers of 1 to 8 digits separated by '/'")]
+#[error(
+    "invalid LSN {input:?}: expected two hexadecimal numbers of 1 to 8 digits separated by '/'"
+)]
 pub struct LsnParseError {
     input: String,
 }
@@ -166,8 +168,22 @@ mod tests {
     #[test]
     fn rejects_what_postgres_rejects() {
         for bad in [
-            "", "/", "0/", "/0", "0", "0/0/0", " 0/0", "0/0 ", "+1/0", "-1/0", "123456789/0",
-            "0/123456789", "g/0", "0x1/0", "1/ 2", "ü/0",
+            "",
+            "/",
+            "0/",
+            "/0",
+            "0",
+            "0/0/0",
+            " 0/0",
+            "0/0 ",
+            "+1/0",
+            "-1/0",
+            "123456789/0",
+            "0/123456789",
+            "g/0",
+            "0x1/0",
+            "1/ 2",
+            "ü/0",
         ] {
             let err = bad.parse::<Lsn>().expect_err(bad);
             assert_eq!(err.category(), "InvalidLsn");
@@ -185,7 +201,14 @@ mod tests {
 
     #[test]
     fn display_and_parse_round_trip() {
-        for v in [0, 1, 0xFFFF_FFFF, 0x1_0000_0000, 0xDEAD_BEEF_0000_0001, u64::MAX] {
+        for v in [
+            0,
+            1,
+            0xFFFF_FFFF,
+            0x1_0000_0000,
+            0xDEAD_BEEF_0000_0001,
+            u64::MAX,
+        ] {
             assert_eq!(Lsn(v).to_string().parse::<Lsn>(), Ok(Lsn(v)));
         }
     }

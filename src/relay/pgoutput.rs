@@ -81,7 +81,6 @@ impl PgTimestamp {
             UNIX_EPOCH.checked_sub(Duration::from_micros(unix.unsigned_abs()))
         }
     }
-
 }
 
 /// RFC 3339 in UTC with microseconds, e.g. `2024-01-02T03:04:05.000006Z`.
@@ -600,7 +599,11 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], PgOutputError> {
         let data: &'a [u8] = self.data;
-        match self.pos.checked_add(n).and_then(|end| data.get(self.pos..end)) {
+        match self
+            .pos
+            .checked_add(n)
+            .and_then(|end| data.get(self.pos..end))
+        {
             Some(slice) => {
                 self.pos += n;
                 Ok(slice)
@@ -691,10 +694,7 @@ impl<'a> Reader<'a> {
         } else {
             Err(self.malformed(
                 at,
-                format!(
-                    "expected {field} {:?}, found {got:#04x}",
-                    printable(want)
-                ),
+                format!("expected {field} {:?}, found {got:#04x}", printable(want)),
             ))
         }
     }
@@ -751,7 +751,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn hex(s: &str) -> Bytes {
-        assert!(s.len() % 2 == 0, "odd hex length");
+        assert!(s.len().is_multiple_of(2), "odd hex length");
         (0..s.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
@@ -940,7 +940,13 @@ mod tests {
     #[test]
     fn delete_truncate_type_origin_message() {
         let d = Msg::new(b'D').u32(9).u8(b'K').i16(1).text("1").done();
-        assert!(matches!(decode(&d), Ok(PgOutputMessage::Delete(Delete { relation_id: 9, old: OldTuple::Key(_) }))));
+        assert!(matches!(
+            decode(&d),
+            Ok(PgOutputMessage::Delete(Delete {
+                relation_id: 9,
+                old: OldTuple::Key(_)
+            }))
+        ));
         let d_new = Msg::new(b'D').u32(9).u8(b'N').i16(0).done();
         assert_eq!(decode(&d_new).unwrap_err().category(), "Malformed");
 
@@ -996,11 +1002,29 @@ mod tests {
         assert_eq!(decode(&bad_utf8).unwrap_err().category(), "InvalidUtf8");
         let bad_kind = Msg::new(b'I').u32(1).u8(b'N').i16(1).u8(b'x').done();
         assert_eq!(decode(&bad_kind).unwrap_err().category(), "Malformed");
-        let huge_len = Msg::new(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(i32::MAX).done();
+        let huge_len = Msg::new(b'I')
+            .u32(1)
+            .u8(b'N')
+            .i16(1)
+            .u8(b't')
+            .i32(i32::MAX)
+            .done();
         assert_eq!(decode(&huge_len).unwrap_err().category(), "Truncated");
-        let negative_len = Msg::new(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(-1).done();
+        let negative_len = Msg::new(b'I')
+            .u32(1)
+            .u8(b'N')
+            .i16(1)
+            .u8(b't')
+            .i32(-1)
+            .done();
         assert_eq!(decode(&negative_len).unwrap_err().category(), "Malformed");
-        let bad_identity = Msg::new(b'R').u32(1).cstr("").cstr("t").u8(b'z').i16(0).done();
+        let bad_identity = Msg::new(b'R')
+            .u32(1)
+            .cstr("")
+            .cstr("t")
+            .u8(b'z')
+            .i16(0)
+            .done();
         assert_eq!(decode(&bad_identity).unwrap_err().category(), "Malformed");
     }
 
@@ -1008,14 +1032,19 @@ mod tests {
     fn timestamps_use_the_2000_epoch() {
         assert_eq!(PgTimestamp(0).unix_micros(), 946_684_800_000_000);
         assert_eq!(PgTimestamp(0).to_string(), "2000-01-01T00:00:00.000000Z");
-        let t = PgTimestamp::from_system_time(UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456));
+        let t = PgTimestamp::from_system_time(
+            UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+        );
         assert_eq!(t.unix_micros(), 1_700_000_000_123_456);
         assert_eq!(
             t.to_system_time(),
             Some(UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456))
         );
         let before_1970 = PgTimestamp::from_unix_micros(-5);
-        assert_eq!(before_1970.to_system_time(), UNIX_EPOCH.checked_sub(Duration::from_micros(5)));
+        assert_eq!(
+            before_1970.to_system_time(),
+            UNIX_EPOCH.checked_sub(Duration::from_micros(5))
+        );
         assert!(PgTimestamp::now() > PgTimestamp(0));
         assert!(PgTimestamp(i64::MAX).to_string().contains("since 2000"));
         assert!(PgTimestamp(i64::MIN).to_string().contains("since 2000"));
@@ -1066,24 +1095,44 @@ mod tests {
         let msgs: Vec<PgOutputMessage> = fx.iter().map(|(_, _, d)| decode(d).unwrap()).collect();
 
         // First transaction: Begin, Type(mood), Relation(outbox), 2 inserts, Commit.
-        let PgOutputMessage::Begin(begin) = &msgs[0] else { panic!("{:?}", msgs[0]) };
+        let PgOutputMessage::Begin(begin) = &msgs[0] else {
+            panic!("{:?}", msgs[0])
+        };
         assert_eq!(begin.xid, fx[0].1);
-        let PgOutputMessage::Type(ty) = &msgs[1] else { panic!() };
-        assert_eq!((ty.namespace.as_str(), ty.name.as_str()), ("public", "mood"));
-        let PgOutputMessage::Relation(rel) = &msgs[2] else { panic!() };
+        let PgOutputMessage::Type(ty) = &msgs[1] else {
+            panic!()
+        };
+        assert_eq!(
+            (ty.namespace.as_str(), ty.name.as_str()),
+            ("public", "mood")
+        );
+        let PgOutputMessage::Relation(rel) = &msgs[2] else {
+            panic!()
+        };
         assert_eq!(rel.name, "outbox");
         assert_eq!(rel.replica_identity, ReplicaIdentity::Default);
         let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
-            ["id", "aggregate", "payload", "headers", "created_at", "note", "feeling", "big"]
+            [
+                "id",
+                "aggregate",
+                "payload",
+                "headers",
+                "created_at",
+                "note",
+                "feeling",
+                "big"
+            ]
         );
         assert!(rel.columns[0].is_key());
         assert_eq!(rel.columns[0].type_oid, 20); // int8
         assert_eq!(rel.columns[2].type_oid, 3802); // jsonb
         assert_eq!(rel.columns[6].type_oid, ty.id);
 
-        let PgOutputMessage::Insert(first) = &msgs[3] else { panic!() };
+        let PgOutputMessage::Insert(first) = &msgs[3] else {
+            panic!()
+        };
         assert_eq!(first.relation_id, rel.id);
         let c = &first.new.columns;
         assert_eq!(c[0].as_str(), Some("1"));
@@ -1095,31 +1144,48 @@ mod tests {
         assert_eq!(c[6].as_str(), Some("happy"));
         assert!(c[7].is_null());
 
-        let PgOutputMessage::Insert(second) = &msgs[4] else { panic!() };
+        let PgOutputMessage::Insert(second) = &msgs[4] else {
+            panic!()
+        };
         assert_eq!(second.new.columns[1].as_str(), Some("ordér ✓"));
         assert_eq!(second.new.columns[5].as_str(), Some("it's"));
 
-        let PgOutputMessage::Commit(commit) = &msgs[5] else { panic!() };
+        let PgOutputMessage::Commit(commit) = &msgs[5] else {
+            panic!()
+        };
         assert_eq!(commit.commit_lsn, begin.final_lsn);
         assert_eq!(commit.commit_time, begin.commit_time);
         assert!(commit.end_lsn > commit.commit_lsn);
 
         // The rolled-back transaction left nothing: the next Begin is the
         // TOASTed insert.
-        let PgOutputMessage::Begin(_) = &msgs[6] else { panic!() };
-        let PgOutputMessage::Insert(toasted) = &msgs[7] else { panic!() };
+        let PgOutputMessage::Begin(_) = &msgs[6] else {
+            panic!()
+        };
+        let PgOutputMessage::Insert(toasted) = &msgs[7] else {
+            panic!()
+        };
         assert_eq!(toasted.new.columns[1].as_str(), Some("toast"));
-        assert_eq!(toasted.new.columns[7].bytes().map(|b| b.len()), Some(64_000));
+        assert_eq!(
+            toasted.new.columns[7].bytes().map(|b| b.len()),
+            Some(64_000)
+        );
 
         // Updating another column leaves the TOASTed one out.
-        let PgOutputMessage::Update(u) = &msgs[10] else { panic!() };
+        let PgOutputMessage::Update(u) = &msgs[10] else {
+            panic!()
+        };
         assert_eq!(u.old, None);
         assert_eq!(u.new.columns[5].as_str(), Some("n2"));
         assert_eq!(u.new.columns[7], ColumnValue::UnchangedToast);
 
         // Changing the key sends the old key.
-        let PgOutputMessage::Update(u) = &msgs[13] else { panic!() };
-        let Some(OldTuple::Key(k)) = &u.old else { panic!("{u:?}") };
+        let PgOutputMessage::Update(u) = &msgs[13] else {
+            panic!()
+        };
+        let Some(OldTuple::Key(k)) = &u.old else {
+            panic!("{u:?}")
+        };
         assert_eq!(k.columns[0].as_str(), Some("3"));
         assert!(k.columns[1..].iter().all(ColumnValue::is_null));
         assert_eq!(u.new.columns[0].as_str(), Some("4"));
@@ -1127,15 +1193,32 @@ mod tests {
 
     #[test]
     fn captured_full_identity_truncate_messages_and_origin() {
-        let msgs: Vec<PgOutputMessage> = fixtures().iter().map(|(_, _, d)| decode(d).unwrap()).collect();
+        let msgs: Vec<PgOutputMessage> = fixtures()
+            .iter()
+            .map(|(_, _, d)| decode(d).unwrap())
+            .collect();
         let full_update = msgs.iter().find_map(|m| match m {
-            PgOutputMessage::Update(u @ Update { old: Some(OldTuple::Full(_)), .. }) => Some(u),
+            PgOutputMessage::Update(
+                u @ Update {
+                    old: Some(OldTuple::Full(_)),
+                    ..
+                },
+            ) => Some(u),
             _ => None,
         });
         let u = full_update.expect("an update with the full old row");
-        assert_eq!(u.old.as_ref().unwrap().tuple().columns[1].as_str(), Some("x"));
+        assert_eq!(
+            u.old.as_ref().unwrap().tuple().columns[1].as_str(),
+            Some("x")
+        );
         assert_eq!(u.new.columns[1].as_str(), Some("y"));
-        assert!(msgs.iter().any(|m| matches!(m, PgOutputMessage::Delete(Delete { old: OldTuple::Full(_), .. }))));
+        assert!(msgs.iter().any(|m| matches!(
+            m,
+            PgOutputMessage::Delete(Delete {
+                old: OldTuple::Full(_),
+                ..
+            })
+        )));
 
         let t = msgs
             .iter()
@@ -1177,7 +1260,10 @@ mod tests {
         for (lsn, _, data) in fixtures() {
             for cut in 0..data.len() {
                 let prefix = data.slice(..cut);
-                assert!(decode(&prefix).is_err(), "{lsn}: prefix of {cut} bytes decoded");
+                assert!(
+                    decode(&prefix).is_err(),
+                    "{lsn}: prefix of {cut} bytes decoded"
+                );
             }
         }
     }
@@ -1194,7 +1280,11 @@ mod tests {
                 let len = rng.random_range(0..64);
                 let mut v = vec![tags[rng.random_range(0..tags.len())]];
                 v.extend((0..len).map(|_| {
-                    if rng.random_bool(0.5) { rng.random_range(0..4) } else { rng.random() }
+                    if rng.random_bool(0.5) {
+                        rng.random_range(0..4)
+                    } else {
+                        rng.random()
+                    }
                 }));
                 v.into()
             } else {

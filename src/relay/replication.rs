@@ -43,10 +43,10 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::client::WebPkiServerVerifier;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
-use tokio_rustls::rustls::client::WebPkiServerVerifier;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
@@ -450,7 +450,9 @@ impl ReplicationConnection {
         let stream = match open_stream(config).await {
             // libpq's `prefer` also retries in plaintext when the TLS
             // handshake itself fails.
-            Err(ReplicationError::TlsHandshake { host, source }) if config.ssl_mode == SslMode::Prefer => {
+            Err(ReplicationError::TlsHandshake { host, source })
+                if config.ssl_mode == SslMode::Prefer =>
+            {
                 tracing::debug!(%host, error = %source, "TLS handshake failed, retrying without TLS (sslmode=prefer)");
                 Stream::Plain(tcp_connect(config).await?)
             }
@@ -488,7 +490,9 @@ impl ReplicationConnection {
         self.authenticate(config).await?;
 
         loop {
-            let (tag, body) = self.read_frame("waiting for the server to be ready").await?;
+            let (tag, body) = self
+                .read_frame("waiting for the server to be ready")
+                .await?;
             match tag {
                 b'S' => {
                     let mut fields = body.split(|&b| b == 0);
@@ -498,7 +502,8 @@ impl ReplicationConnection {
                 }
                 b'K' => {
                     if body.len() >= 4 {
-                        self.backend_pid = Some(i32::from_be_bytes([body[0], body[1], body[2], body[3]]));
+                        self.backend_pid =
+                            Some(i32::from_be_bytes([body[0], body[1], body[2], body[3]]));
                     }
                 }
                 b'N' => log_notice(&body),
@@ -533,7 +538,9 @@ impl ReplicationConnection {
                     // A server that skips SCRAM's final message would also
                     // skip proving it knows the password; refuse that.
                     if scram.is_some() && !scram_verified {
-                        return Err(auth_protocol("server ended SCRAM without its final message"));
+                        return Err(auth_protocol(
+                            "server ended SCRAM without its final message",
+                        ));
                     }
                     return Ok(());
                 }
@@ -553,7 +560,9 @@ impl ReplicationConnection {
                         .map_err(|e| invalid_argument("password", e))?;
                 }
                 10 => {
-                    let offered = body.split(|&b| b == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
+                    let offered = body
+                        .split(|&b| b == 0)
+                        .any(|m| m == SCRAM_SHA_256.as_bytes());
                     if !offered {
                         let list: Vec<String> = body
                             .split(|&b| b == 0)
@@ -567,7 +576,8 @@ impl ReplicationConnection {
                     let password = password(config, "SCRAM-SHA-256")?;
                     // Channel binding is not offered; plain SCRAM-SHA-256 is
                     // what servers accept unless configured to insist.
-                    let state = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    let state =
+                        ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
                     frontend::sasl_initial_response(SCRAM_SHA_256, state.message(), &mut self.wbuf)
                         .map_err(|e| invalid_argument("SCRAM message", e))?;
                     scram = Some(state);
@@ -654,7 +664,10 @@ impl ReplicationConnection {
     pub async fn identify_system(&mut self) -> Result<SystemIdentification> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
         let [row] = rows.as_slice() else {
-            return Err(protocol(format!("IDENTIFY_SYSTEM returned {} rows", rows.len())));
+            return Err(protocol(format!(
+                "IDENTIFY_SYSTEM returned {} rows",
+                rows.len()
+            )));
         };
         let field = |i: usize, name: &str| -> Result<&str> {
             row.get(i)
@@ -691,7 +704,10 @@ impl ReplicationConnection {
         start: Lsn,
         options: &[(&str, &str)],
     ) -> Result<ReplicationStream> {
-        let mut sql = format!("START_REPLICATION SLOT {} LOGICAL {start}", quote_identifier(slot)?);
+        let mut sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start}",
+            quote_identifier(slot)?
+        );
         if !options.is_empty() {
             let rendered = options
                 .iter()
@@ -702,7 +718,8 @@ impl ReplicationConnection {
             sql.push(')');
         }
         self.wbuf.clear();
-        frontend::query(&sql, &mut self.wbuf).map_err(|e| invalid_argument("START_REPLICATION", e))?;
+        frontend::query(&sql, &mut self.wbuf)
+            .map_err(|e| invalid_argument("START_REPLICATION", e))?;
         self.flush_wbuf("sending START_REPLICATION").await?;
         loop {
             let (tag, body) = self.read_frame("starting replication").await?;
@@ -813,7 +830,9 @@ impl ReplicationStream {
         apply: Lsn,
         reply_requested: bool,
     ) -> Result<()> {
-        self.writer.send_status(write, flush, apply, reply_requested).await
+        self.writer
+            .send_status(write, flush, apply, reply_requested)
+            .await
     }
 }
 
@@ -832,7 +851,8 @@ impl ReplicationReader {
     /// can sit in a `select!` next to a timer or a shutdown signal.
     ///
     /// A connection that closes without CopyDone is an error, not an end:
-    /// the server (or the network) went away mid-stream.
+    /// the server (or the network) went away mid-stream. After any error the
+    /// stream should be dropped and a new connection made.
     pub async fn next(&mut self) -> Result<Option<ReplicationMessage>> {
         if self.done {
             return Ok(None);
@@ -845,10 +865,9 @@ impl ReplicationReader {
                         self.done = true;
                         return Ok(None);
                     }
-                    b'E' => {
-                        self.done = true;
-                        return Err(server_error(&body, Phase::Streaming));
-                    }
+                    // The server closes the connection after an error, so
+                    // a further call fails with ConnectionClosed.
+                    b'E' => return Err(server_error(&body, Phase::Streaming)),
                     b'N' => log_notice(&body),
                     // ParameterStatus can arrive at any time; nothing here
                     // depends on it.
@@ -1024,11 +1043,10 @@ async fn open_stream(config: &ReplicationConfig) -> Result<Stream> {
             )));
         }
     }
-    let server_name = ServerName::try_from(config.host.clone()).map_err(|e| {
-        ReplicationError::TlsConfig {
+    let server_name =
+        ServerName::try_from(config.host.clone()).map_err(|e| ReplicationError::TlsConfig {
             reason: format!("host {:?} is not a valid TLS server name: {e}", config.host),
-        }
-    })?;
+        })?;
     let tls = connector
         .connect(server_name, tcp)
         .await
@@ -1396,8 +1414,14 @@ fn unsupported_auth(method: &str) -> ReplicationError {
 }
 
 fn unexpected(tag: u8, context: &str) -> ReplicationError {
-    let shown = if tag.is_ascii_graphic() { tag as char } else { '?' };
-    protocol(format!("unexpected message {tag:#04x} ({shown}) while {context}"))
+    let shown = if tag.is_ascii_graphic() {
+        tag as char
+    } else {
+        '?'
+    };
+    protocol(format!(
+        "unexpected message {tag:#04x} ({shown}) while {context}"
+    ))
 }
 
 fn invalid_argument(what: &str, e: io::Error) -> ReplicationError {
@@ -1438,7 +1462,10 @@ mod tests {
         let mut buf = BytesMut::from(&[b'd', 0, 0, 0, 3][..]);
         assert_eq!(try_frame(&mut buf).unwrap_err().category(), "Protocol");
         let mut buf = BytesMut::from(&[b'd', 0x7f, 0xff, 0xff, 0xff][..]);
-        assert_eq!(try_frame(&mut buf).unwrap_err().category(), "MessageTooLarge");
+        assert_eq!(
+            try_frame(&mut buf).unwrap_err().category(),
+            "MessageTooLarge"
+        );
     }
 
     #[test]
@@ -1503,7 +1530,10 @@ mod tests {
         assert!(!later.is_slot_missing());
         assert_eq!(later.category(), "ServerError");
 
-        let auth = server_error(b"SFATAL\0C28P01\0Mpassword authentication failed\0\0", Phase::Startup);
+        let auth = server_error(
+            b"SFATAL\0C28P01\0Mpassword authentication failed\0\0",
+            Phase::Startup,
+        );
         assert!(auth.is_auth_failed());
         assert_eq!(auth.category(), "AuthFailed");
         // Missing or garbled fields never panic.
@@ -1521,8 +1551,14 @@ mod tests {
             publication_names(&["pub", "My,Pub"]).unwrap(),
             "\"pub\",\"My,Pub\""
         );
-        assert_eq!(quote_identifier("a\0b").unwrap_err().category(), "InvalidArgument");
-        assert_eq!(publication_names(&[]).unwrap_err().category(), "InvalidArgument");
+        assert_eq!(
+            quote_identifier("a\0b").unwrap_err().category(),
+            "InvalidArgument"
+        );
+        assert_eq!(
+            publication_names(&[]).unwrap_err().category(),
+            "InvalidArgument"
+        );
     }
 
     #[test]
