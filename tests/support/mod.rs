@@ -30,6 +30,7 @@ pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
 )";
 
 /// One test's database, topic and relay definition.
+#[derive(Clone)]
 pub struct Fixture {
     pub name: String,
     pub db: String,
@@ -173,6 +174,19 @@ impl Fixture {
         per_aggregate: usize,
         per_txn: usize,
     ) -> Vec<String> {
+        self.insert_events_from(client, aggregates, per_aggregate, per_txn, 1).await
+    }
+
+    /// [`Self::insert_events`] with each aggregate's numbering starting at `first_seq`,
+    /// for writers that insert in several rounds.
+    pub async fn insert_events_from(
+        &self,
+        client: &tokio_postgres::Client,
+        aggregates: usize,
+        per_aggregate: usize,
+        per_txn: usize,
+        first_seq: usize,
+    ) -> Vec<String> {
         let total = aggregates * per_aggregate;
         let mut ids = Vec::with_capacity(total);
         let mut n = 0;
@@ -183,7 +197,7 @@ impl Fixture {
             let sql = format!(
                 "INSERT INTO public.outbox (aggregatetype, aggregateid, type, payload)
                  SELECT 'Order', 'agg-' || (i % {aggregates}), 'OrderCreated',
-                        jsonb_build_object('seq', i / {aggregates} + 1, 'pad', repeat('x', 64))
+                        jsonb_build_object('seq', i / {aggregates} + {first_seq}, 'pad', repeat('x', 64))
                  FROM generate_series({n}, {}) AS i ORDER BY i RETURNING id::text",
                 n + rows - 1
             );
