@@ -7,7 +7,9 @@
 
 use std::error::Error as StdError;
 
+use tokio_postgres::Row;
 use tokio_postgres::error::{DbError, SqlState};
+use tokio_postgres::types::FromSql;
 
 use crate::api::conditions::reasons;
 
@@ -29,10 +31,18 @@ pub enum PgError {
     TlsConfig { reason: String },
 
     #[error("TLS with PostgreSQL at {host}:{port} failed: {detail}")]
-    TlsHandshake { host: String, port: u16, detail: String },
+    TlsHandshake {
+        host: String,
+        port: u16,
+        detail: String,
+    },
 
     #[error("cannot reach PostgreSQL at {host}:{port}: {detail}")]
-    DatabaseUnreachable { host: String, port: u16, detail: String },
+    DatabaseUnreachable {
+        host: String,
+        port: u16,
+        detail: String,
+    },
 
     #[error("PostgreSQL rejected the credentials of user {user:?}: {detail}")]
     AuthenticationFailed { user: String, detail: String },
@@ -41,7 +51,10 @@ pub enum PgError {
     DatabaseNotFound { database: String },
 
     #[error("lost the PostgreSQL connection while trying to {action}: {detail}")]
-    ConnectionLost { action: &'static str, detail: String },
+    ConnectionLost {
+        action: &'static str,
+        detail: String,
+    },
 
     #[error(
         "the PostgreSQL server is a standby (in recovery); point the relay at the primary, \
@@ -71,7 +84,9 @@ pub enum PgError {
         field: &'static str,
     },
 
-    #[error("column {column:?} of table {table} cannot be used as spec.outbox.columns.{field}: {reason}")]
+    #[error(
+        "column {column:?} of table {table} cannot be used as spec.outbox.columns.{field}: {reason}"
+    )]
     UnsupportedColumnType {
         table: String,
         column: String,
@@ -91,8 +106,11 @@ pub enum PgError {
     #[error("replication slot {slot:?} already exists but cannot be used: {detail}")]
     SlotConflict { slot: String, detail: String },
 
-    #[error("replication slot {slot:?} is still in use by process {pid} and could not be freed")]
-    SlotInUse { slot: String, pid: i32 },
+    #[error(
+        "replication slot {slot:?} is still in use{} and could not be freed",
+        .pid.map(|p| format!(" by process {p}")).unwrap_or_default()
+    )]
+    SlotInUse { slot: String, pid: Option<i32> },
 
     #[error("publication {publication:?} already exists but cannot be used: {detail}")]
     PublicationConflict { publication: String, detail: String },
@@ -113,7 +131,9 @@ impl PgError {
             PgError::InvalidName { .. } | PgError::InvalidConfig { .. } => reasons::INVALID_SPEC,
             PgError::TlsConfig { .. } => "TlsConfigInvalid",
             PgError::TlsHandshake { .. } => "TlsHandshakeFailed",
-            PgError::DatabaseUnreachable { .. } | PgError::ConnectionLost { .. } => reasons::DATABASE_UNREACHABLE,
+            PgError::DatabaseUnreachable { .. } | PgError::ConnectionLost { .. } => {
+                reasons::DATABASE_UNREACHABLE
+            }
             PgError::AuthenticationFailed { .. } => reasons::AUTHENTICATION_FAILED,
             PgError::DatabaseNotFound { .. } => "DatabaseNotFound",
             PgError::ServerIsStandby => "ServerIsStandby",
@@ -136,7 +156,9 @@ impl PgError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            PgError::DatabaseUnreachable { .. } | PgError::ConnectionLost { .. } | PgError::SlotInUse { .. }
+            PgError::DatabaseUnreachable { .. }
+                | PgError::ConnectionLost { .. }
+                | PgError::SlotInUse { .. }
         )
     }
 }
@@ -203,6 +225,24 @@ pub(crate) fn query_error(action: &'static str, err: tokio_postgres::Error) -> P
     }
 }
 
+/// Reads column `idx` of a row. The queries fix every column's type, so a mismatch
+/// means a server that is not the PostgreSQL we expect; that must fail the call,
+/// not panic the process (which `Row::get` would do).
+pub(crate) fn col<'a, T: FromSql<'a>>(
+    row: &'a Row,
+    idx: usize,
+    action: &'static str,
+) -> Result<T, PgError> {
+    row.try_get(idx).map_err(|e| PgError::Query {
+        action,
+        code: None,
+        detail: format!(
+            "unexpected value in result column {idx}: {}",
+            render_chain(&e)
+        ),
+    })
+}
+
 pub(crate) fn has_io_cause(err: &(dyn StdError + 'static)) -> bool {
     let mut cur = err.source();
     while let Some(e) = cur {
@@ -220,11 +260,16 @@ mod tests {
 
     #[test]
     fn categories_reuse_condition_reasons() {
-        let e = PgError::WalLevelNotLogical { actual: "replica".into() };
+        let e = PgError::WalLevelNotLogical {
+            actual: "replica".into(),
+        };
         assert_eq!(e.category(), "WalLevelNotLogical");
         assert!(e.to_string().contains("wal_level = logical"));
         assert!(e.to_string().contains("restart"));
-        assert_eq!(PgError::TableNotFound { table: "t".into() }.category(), "TableNotFound");
+        assert_eq!(
+            PgError::TableNotFound { table: "t".into() }.category(),
+            "TableNotFound"
+        );
         assert_eq!(
             PgError::InsufficientPrivilege {
                 action: "x".into(),
@@ -255,16 +300,24 @@ mod tests {
     #[test]
     fn categories_are_camel_case() {
         let all = [
-            PgError::InvalidConfig { reason: String::new() },
-            PgError::TlsConfig { reason: String::new() },
+            PgError::InvalidConfig {
+                reason: String::new(),
+            },
+            PgError::TlsConfig {
+                reason: String::new(),
+            },
             PgError::TlsHandshake {
                 host: String::new(),
                 port: 0,
                 detail: String::new(),
             },
-            PgError::DatabaseNotFound { database: String::new() },
+            PgError::DatabaseNotFound {
+                database: String::new(),
+            },
             PgError::ServerIsStandby,
-            PgError::UnsupportedServerVersion { version: String::new() },
+            PgError::UnsupportedServerVersion {
+                version: String::new(),
+            },
             PgError::ColumnNotFound {
                 table: String::new(),
                 column: String::new(),
@@ -277,7 +330,7 @@ mod tests {
             },
             PgError::SlotInUse {
                 slot: String::new(),
-                pid: 1,
+                pid: Some(1),
             },
             PgError::PublicationConflict {
                 publication: String::new(),
@@ -286,7 +339,10 @@ mod tests {
         ];
         for e in all {
             let c = e.category();
-            assert!(c.chars().next().is_some_and(|ch| ch.is_ascii_uppercase()), "{c}");
+            assert!(
+                c.chars().next().is_some_and(|ch| ch.is_ascii_uppercase()),
+                "{c}"
+            );
             assert!(c.chars().all(|ch| ch.is_ascii_alphanumeric()), "{c}");
         }
     }

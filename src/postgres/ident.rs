@@ -76,7 +76,10 @@ pub fn validate_slot_name(name: &str) -> Result<(), PgError> {
         "must not be empty"
     } else if name.len() > MAX_IDENTIFIER_BYTES {
         "is longer than 63 bytes"
-    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
         "may contain only lower-case letters, digits and underscores"
     } else {
         return Ok(());
@@ -115,10 +118,14 @@ impl QualifiedTable {
         };
         let mut parts = input.split('.');
         let (Some(schema), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(invalid("must be written as schema.table with exactly one dot"));
+            return Err(invalid(
+                "must be written as schema.table with exactly one dot",
+            ));
         };
         if schema.is_empty() || name.is_empty() {
-            return Err(invalid("must be written as schema.table with both parts non-empty"));
+            return Err(invalid(
+                "must be written as schema.table with both parts non-empty",
+            ));
         }
         Self::new(schema, name)
     }
@@ -132,7 +139,12 @@ impl QualifiedTable {
 impl fmt::Display for QualifiedTable {
     /// The quoted form, ready to splice into SQL: `"schema"."table"`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+        write!(
+            f,
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(&self.name)
+        )
     }
 }
 
@@ -171,7 +183,10 @@ mod tests {
     fn quotes_literals() {
         assert_eq!(quote_literal("insert"), "'insert'");
         assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(quote_literal("'; DROP TABLE t; --"), "'''; DROP TABLE t; --'");
+        assert_eq!(
+            quote_literal("'; DROP TABLE t; --"),
+            "'''; DROP TABLE t; --'"
+        );
         assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
         assert_eq!(quote_literal(""), "''");
     }
@@ -216,7 +231,14 @@ mod tests {
     fn slot_names() {
         assert!(validate_slot_name("outbox_default_orders").is_ok());
         assert!(validate_slot_name(&"a".repeat(63)).is_ok());
-        for bad in ["", "Upper", "with-dash", "sp ace", "quo\"te", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Upper",
+            "with-dash",
+            "sp ace",
+            "quo\"te",
+            &"a".repeat(64),
+        ] {
             assert!(validate_slot_name(bad).is_err(), "{bad:?}");
         }
     }

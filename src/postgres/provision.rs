@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use super::PgError;
-use super::error::query_error;
+use super::error::{col, query_error};
 use super::ident::{QualifiedTable, quote_ident, validate_identifier, validate_slot_name};
 use crate::api::ColumnMapping;
 
@@ -74,6 +74,7 @@ pub async fn check_prerequisites(
     slot_name: &str,
 ) -> Result<Prerequisites, PgError> {
     validate_slot_name(slot_name)?;
+    let action = "read server settings";
     let row = client
         .query_one(
             "SELECT current_setting('server_version'),
@@ -96,26 +97,28 @@ pub async fn check_prerequisites(
             &[&slot_name],
         )
         .await
-        .map_err(|e| query_error("read server settings", e))?;
+        .map_err(|e| query_error(action, e))?;
 
-    let server_version: String = row.get(0);
-    let server_version_num: i32 = row.get(1);
-    let wal_level: String = row.get(2);
-    let in_recovery: bool = row.get(3);
-    let current_wal_lsn: Option<String> = row.get(4);
-    let current_user: String = row.get(5);
-    let database: String = row.get(6);
-    let is_superuser: bool = row.get(7);
-    let can_replicate: bool = row.get(8);
-    let max_replication_slots: i64 = row.get(9);
-    let replication_slots_used: i64 = row.get(10);
-    let slot_exists: bool = row.get(11);
+    let server_version: String = col(&row, 0, action)?;
+    let server_version_num: i32 = col(&row, 1, action)?;
+    let wal_level: String = col(&row, 2, action)?;
+    let in_recovery: bool = col(&row, 3, action)?;
+    let current_wal_lsn: Option<String> = col(&row, 4, action)?;
+    let current_user: String = col(&row, 5, action)?;
+    let database: String = col(&row, 6, action)?;
+    let is_superuser: bool = col(&row, 7, action)?;
+    let can_replicate: bool = col(&row, 8, action)?;
+    let max_replication_slots: i64 = col(&row, 9, action)?;
+    let replication_slots_used: i64 = col(&row, 10, action)?;
+    let slot_exists: bool = col(&row, 11, action)?;
 
     if in_recovery {
         return Err(PgError::ServerIsStandby);
     }
     if server_version_num < MIN_SERVER_VERSION_NUM {
-        return Err(PgError::UnsupportedServerVersion { version: server_version });
+        return Err(PgError::UnsupportedServerVersion {
+            version: server_version,
+        });
     }
     if wal_level != "logical" {
         return Err(PgError::WalLevelNotLogical { actual: wal_level });
@@ -154,7 +157,11 @@ pub async fn check_prerequisites(
 }
 
 /// Checks the table and its mapped columns; returns whether it is partitioned.
-async fn check_table(client: &Client, table: &QualifiedTable, columns: &ColumnMapping) -> Result<bool, PgError> {
+async fn check_table(
+    client: &Client,
+    table: &QualifiedTable,
+    columns: &ColumnMapping,
+) -> Result<bool, PgError> {
     // Exact catalog lookup rather than to_regclass(): names are case-sensitive
     // as written, and a lookup by value needs no quoting.
     let rel = client
@@ -171,8 +178,8 @@ async fn check_table(client: &Client, table: &QualifiedTable, columns: &ColumnMa
             table: table.unquoted(),
         });
     };
-    let oid: u32 = rel.get(0);
-    let relkind: String = rel.get(1);
+    let oid: u32 = col(&rel, 0, "look up the outbox table")?;
+    let relkind: String = col(&rel, 1, "look up the outbox table")?;
     let partitioned = match relkind.as_str() {
         "r" => false,
         "p" => true,
@@ -206,15 +213,16 @@ async fn check_table(client: &Client, table: &QualifiedTable, columns: &ColumnMa
         shown_type: String,
         generated: bool,
     }
-    let cols: Vec<Col> = rows
-        .iter()
-        .map(|r| Col {
-            name: r.get(0),
-            base_type: r.get(1),
-            shown_type: r.get(2),
-            generated: r.get(3),
-        })
-        .collect();
+    let action = "read the outbox table's columns";
+    let mut cols = Vec::with_capacity(rows.len());
+    for r in &rows {
+        cols.push(Col {
+            name: col(r, 0, action)?,
+            base_type: col(r, 1, action)?,
+            shown_type: col(r, 2, action)?,
+            generated: col(r, 3, action)?,
+        });
+    }
 
     let mut mapped: Vec<(&'static str, &str, Option<&[&str]>)> = vec![
         ("id", &columns.id, None),
@@ -249,7 +257,11 @@ async fn check_table(client: &Client, table: &QualifiedTable, columns: &ColumnMa
                 table: table.unquoted(),
                 column: column.to_string(),
                 field,
-                reason: format!("its type is {} but must be one of {}", col.shown_type, allowed.join(", ")),
+                reason: format!(
+                    "its type is {} but must be one of {}",
+                    col.shown_type,
+                    allowed.join(", ")
+                ),
             });
         }
     }
@@ -275,7 +287,11 @@ fn relkind_name(relkind: &str) -> &'static str {
 /// never events (deleting relayed rows is housekeeping), and not publishing them
 /// saves the server the work of decoding them. `publish_via_partition_root` makes
 /// rows of a partitioned outbox arrive under the table's own name.
-pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTable) -> Result<Provisioned, PgError> {
+pub async fn ensure_publication(
+    client: &Client,
+    name: &str,
+    table: &QualifiedTable,
+) -> Result<Provisioned, PgError> {
     validate_identifier("publication name", name)?;
     let create = format!(
         "CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert', publish_via_partition_root = true)",
@@ -286,14 +302,15 @@ pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTa
             Ok(()) => return Ok(Provisioned::Created),
             // Another caller created it between our look and our create; check theirs.
             Err(e) if lost_creation_race(&e) => {}
-            Err(e) => return Err(query_error("create the publication", e)),
+            Err(e) => return Err(publication_ddl_error("create the publication", table, e)),
         }
     }
     let Some(publication) = read_publication(client, name).await? else {
-        // Dropped again right after the creation race; let the next call create it.
-        return Err(PgError::PublicationConflict {
-            publication: name.to_string(),
-            detail: "it was dropped concurrently; retry".into(),
+        // Dropped again right after the creation race; the next call creates it.
+        return Err(PgError::Query {
+            action: "create the publication",
+            code: None,
+            detail: "it was dropped concurrently; retrying will create it".into(),
         });
     };
     if publication.all_tables {
@@ -314,7 +331,7 @@ pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTa
         client
             .batch_execute(&sql)
             .await
-            .map_err(|e| query_error("set the publication's table", e))?;
+            .map_err(|e| publication_ddl_error("set the publication's table", table, e))?;
         changed = true;
     }
     let options_ok = publication.insert
@@ -340,6 +357,20 @@ pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTa
     })
 }
 
+/// The table can vanish between [`check_prerequisites`] and the DDL here.
+fn publication_ddl_error(
+    action: &'static str,
+    table: &QualifiedTable,
+    e: tokio_postgres::Error,
+) -> PgError {
+    if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
+        return PgError::TableNotFound {
+            table: table.unquoted(),
+        };
+    }
+    query_error(action, e)
+}
+
 /// Two callers creating the same object: the loser gets `duplicate_object` when the
 /// winner had committed before its check, or `unique_violation` (from the catalog's
 /// unique index) when both passed the check and the loser waited on the winner's commit.
@@ -362,7 +393,10 @@ struct PublicationState {
     schemas: i64,
 }
 
-async fn read_publication(client: &Client, name: &str) -> Result<Option<PublicationState>, PgError> {
+async fn read_publication(
+    client: &Client,
+    name: &str,
+) -> Result<Option<PublicationState>, PgError> {
     let action = "read the publication";
     let Some(row) = client
         .query_opt(
@@ -376,8 +410,8 @@ async fn read_publication(client: &Client, name: &str) -> Result<Option<Publicat
     else {
         return Ok(None);
     };
-    let oid: u32 = row.get(0);
-    let version: i32 = row.get(7);
+    let oid: u32 = col(&row, 0, action)?;
+    let version: i32 = col(&row, 7, action)?;
     // Row filters, column lists and schema publications only exist from 15 on.
     let (filter_expr, schemas_sql) = if version >= 150_000 {
         (
@@ -400,21 +434,26 @@ async fn read_publication(client: &Client, name: &str) -> Result<Option<Publicat
         )
         .await
         .map_err(|e| query_error(action, e))?;
-    let schemas: i64 = client
+    let schemas_row = client
         .query_one(schemas_sql, &[&oid])
         .await
-        .map_err(|e| query_error(action, e))?
-        .get(0);
+        .map_err(|e| query_error(action, e))?;
+    let mut listed = Vec::with_capacity(tables.len());
+    let mut filtered = false;
+    for r in &tables {
+        listed.push((col(r, 0, action)?, col(r, 1, action)?));
+        filtered |= col::<bool>(r, 2, action)?;
+    }
     Ok(Some(PublicationState {
-        all_tables: row.get(1),
-        insert: row.get(2),
-        update: row.get(3),
-        delete: row.get(4),
-        truncate: row.get(5),
-        via_root: row.get(6),
-        filtered: tables.iter().any(|r| r.get::<_, bool>(2)),
-        tables: tables.iter().map(|r| (r.get(0), r.get(1))).collect(),
-        schemas,
+        all_tables: col(&row, 1, action)?,
+        insert: col(&row, 2, action)?,
+        update: col(&row, 3, action)?,
+        delete: col(&row, 4, action)?,
+        truncate: col(&row, 5, action)?,
+        via_root: col(&row, 6, action)?,
+        tables: listed,
+        filtered,
+        schemas: col(&schemas_row, 0, action)?,
     }))
 }
 
@@ -440,13 +479,18 @@ pub async fn ensure_slot(client: &Client, name: &str) -> Result<Provisioned, PgE
         }
     }
     let Some(slot) = read_slot(client, name).await? else {
-        return Err(PgError::SlotConflict {
-            slot: name.to_string(),
-            detail: "it was dropped concurrently; retry".into(),
+        // Dropped again right after the creation race; the next call creates it.
+        return Err(PgError::Query {
+            action: "create the replication slot",
+            code: None,
+            detail: "it was dropped concurrently; retrying will create it".into(),
         });
     };
     let problem = if slot.slot_type != "logical" {
-        Some(format!("it is a {} slot, not a logical one", slot.slot_type))
+        Some(format!(
+            "it is a {} slot, not a logical one",
+            slot.slot_type
+        ))
     } else if slot.plugin.as_deref() != Some(OUTPUT_PLUGIN) {
         Some(format!(
             "it uses output plugin {:?}, not {OUTPUT_PLUGIN:?}",
@@ -481,11 +525,11 @@ async fn slot_create_error(client: &Client, e: tokio_postgres::Error) -> PgError
                 &[],
             )
             .await;
-        if let Ok(row) = counts {
-            return PgError::SlotLimitReached {
-                max: row.get(0),
-                used: row.get(1),
-            };
+        let action = "count replication slots";
+        if let Ok(row) = counts
+            && let (Ok(max), Ok(used)) = (col(&row, 0, action), col(&row, 1, action))
+        {
+            return PgError::SlotLimitReached { max, used };
         }
     }
     query_error("create the replication slot", e)
@@ -500,6 +544,7 @@ struct SlotRow {
 }
 
 async fn read_slot(client: &Client, name: &str) -> Result<Option<SlotRow>, PgError> {
+    let action = "read the replication slot";
     let row = client
         .query_opt(
             "SELECT slot_type, plugin::text, database::text, temporary, current_database()::text
@@ -507,13 +552,14 @@ async fn read_slot(client: &Client, name: &str) -> Result<Option<SlotRow>, PgErr
             &[&name],
         )
         .await
-        .map_err(|e| query_error("read the replication slot", e))?;
-    Ok(row.map(|r| SlotRow {
-        slot_type: r.get(0),
-        plugin: r.get(1),
-        database: r.get(2),
-        temporary: r.get(3),
-        current_database: r.get(4),
+        .map_err(|e| query_error(action, e))?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(SlotRow {
+        slot_type: col(&r, 0, action)?,
+        plugin: col(&r, 1, action)?,
+        database: col(&r, 2, action)?,
+        temporary: col(&r, 3, action)?,
+        current_database: col(&r, 4, action)?,
     }))
 }
 
@@ -537,10 +583,15 @@ pub async fn drop_slot(client: &Client, name: &str) -> Result<bool, PgError> {
             client
                 .execute("SELECT pg_terminate_backend($1)", &[&pid])
                 .await
-                .map_err(|e| query_error("terminate the session holding the replication slot", e))?;
+                .map_err(|e| {
+                    query_error("terminate the session holding the replication slot", e)
+                })?;
             wait_until_released(client, name).await?;
         }
-        match client.execute("SELECT pg_drop_replication_slot($1)", &[&name]).await {
+        match client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+            .await
+        {
             Ok(_) => return Ok(true),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => return Ok(false),
             // Taken again (e.g. a restarting worker) right after it was freed: go round.
@@ -550,17 +601,21 @@ pub async fn drop_slot(client: &Client, name: &str) -> Result<bool, PgError> {
     }
     Err(PgError::SlotInUse {
         slot: name.to_string(),
-        pid: last_pid.unwrap_or_default(),
+        pid: last_pid,
     })
 }
 
 /// `None`: no such slot; `Some(None)`: exists, inactive; `Some(Some(pid))`: held by `pid`.
 async fn active_pid(client: &Client, name: &str) -> Result<Option<Option<i32>>, PgError> {
     let row = client
-        .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&name])
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
         .await
         .map_err(|e| query_error("read the replication slot", e))?;
-    Ok(row.map(|r| r.get(0)))
+    row.map(|r| col(&r, 0, "read the replication slot"))
+        .transpose()
 }
 
 async fn wait_until_released(client: &Client, name: &str) -> Result<(), PgError> {

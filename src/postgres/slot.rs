@@ -3,7 +3,7 @@
 use tokio_postgres::Client;
 
 use super::PgError;
-use super::error::query_error;
+use super::error::{col, query_error};
 use crate::api::conditions::reasons;
 use crate::api::{LagThresholds, SlotStatus};
 
@@ -53,6 +53,8 @@ impl SlotInfo {
     }
 }
 
+const ACTION: &str = "read the replication slot's status";
+
 /// Reads the slot; `None` when it does not exist.
 pub async fn slot_status(client: &Client, name: &str) -> Result<Option<SlotInfo>, PgError> {
     // pg_current_wal_lsn() fails on a standby; the lag is then unknown rather than an error,
@@ -71,19 +73,20 @@ pub async fn slot_status(client: &Client, name: &str) -> Result<Option<SlotInfo>
             &[&name],
         )
         .await
-        .map_err(|e| query_error("read the replication slot's status", e))?;
-    Ok(row.map(|r| SlotInfo {
-        name: r.get(0),
-        plugin: r.get(1),
-        database: r.get(2),
-        active: r.get(3),
-        active_pid: r.get(4),
-        restart_lsn: r.get(5),
-        confirmed_flush_lsn: r.get(6),
-        wal_status: r.get(7),
-        safe_wal_size: r.get(8),
-        lag_bytes: r.get(9),
-        retained_bytes: r.get(10),
+        .map_err(|e| query_error(ACTION, e))?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(SlotInfo {
+        name: col(&r, 0, ACTION)?,
+        plugin: col(&r, 1, ACTION)?,
+        database: col(&r, 2, ACTION)?,
+        active: col(&r, 3, ACTION)?,
+        active_pid: col(&r, 4, ACTION)?,
+        restart_lsn: col(&r, 5, ACTION)?,
+        confirmed_flush_lsn: col(&r, 6, ACTION)?,
+        wal_status: col(&r, 7, ACTION)?,
+        safe_wal_size: col(&r, 8, ACTION)?,
+        lag_bytes: col(&r, 9, ACTION)?,
+        retained_bytes: col(&r, 10, ACTION)?,
     }))
 }
 
@@ -115,7 +118,11 @@ impl LagLevel {
 /// whatever the lag: the server has already given up keeping that WAL, and the next
 /// checkpoint may delete it. An unknown lag (e.g. no confirmed position yet) is `Ok`:
 /// there is nothing to alert on.
-pub fn classify_lag(lag_bytes: Option<i64>, wal_status: Option<&str>, thresholds: &LagThresholds) -> LagLevel {
+pub fn classify_lag(
+    lag_bytes: Option<i64>,
+    wal_status: Option<&str>,
+    thresholds: &LagThresholds,
+) -> LagLevel {
     if wal_status == Some("lost") {
         return LagLevel::Lost;
     }
@@ -145,17 +152,35 @@ mod tests {
     #[test]
     fn by_bytes() {
         assert_eq!(classify_lag(Some(0), Some("reserved"), &th()), LagLevel::Ok);
-        assert_eq!(classify_lag(Some(99), Some("reserved"), &th()), LagLevel::Ok);
-        assert_eq!(classify_lag(Some(100), Some("reserved"), &th()), LagLevel::Warning);
-        assert_eq!(classify_lag(Some(999), Some("extended"), &th()), LagLevel::Warning);
-        assert_eq!(classify_lag(Some(1000), Some("reserved"), &th()), LagLevel::Critical);
-        assert_eq!(classify_lag(Some(i64::MAX), None, &th()), LagLevel::Critical);
+        assert_eq!(
+            classify_lag(Some(99), Some("reserved"), &th()),
+            LagLevel::Ok
+        );
+        assert_eq!(
+            classify_lag(Some(100), Some("reserved"), &th()),
+            LagLevel::Warning
+        );
+        assert_eq!(
+            classify_lag(Some(999), Some("extended"), &th()),
+            LagLevel::Warning
+        );
+        assert_eq!(
+            classify_lag(Some(1000), Some("reserved"), &th()),
+            LagLevel::Critical
+        );
+        assert_eq!(
+            classify_lag(Some(i64::MAX), None, &th()),
+            LagLevel::Critical
+        );
     }
 
     #[test]
     fn negative_or_unknown_lag_is_ok() {
         // A consumer can confirm a position past the one sampled as "current".
-        assert_eq!(classify_lag(Some(-5), Some("reserved"), &th()), LagLevel::Ok);
+        assert_eq!(
+            classify_lag(Some(-5), Some("reserved"), &th()),
+            LagLevel::Ok
+        );
         assert_eq!(classify_lag(None, None, &th()), LagLevel::Ok);
     }
 
@@ -163,17 +188,32 @@ mod tests {
     fn wal_status_escalates() {
         assert_eq!(classify_lag(Some(0), Some("lost"), &th()), LagLevel::Lost);
         assert_eq!(classify_lag(None, Some("lost"), &th()), LagLevel::Lost);
-        assert_eq!(classify_lag(Some(0), Some("unreserved"), &th()), LagLevel::Critical);
-        assert_eq!(classify_lag(Some(5000), Some("unreserved"), &th()), LagLevel::Critical);
+        assert_eq!(
+            classify_lag(Some(0), Some("unreserved"), &th()),
+            LagLevel::Critical
+        );
+        assert_eq!(
+            classify_lag(Some(5000), Some("unreserved"), &th()),
+            LagLevel::Critical
+        );
         assert_eq!(classify_lag(Some(0), Some("extended"), &th()), LagLevel::Ok);
     }
 
     #[test]
     fn default_thresholds() {
         let d = LagThresholds::default();
-        assert_eq!(classify_lag(Some(255 * 1024 * 1024), None, &d), LagLevel::Ok);
-        assert_eq!(classify_lag(Some(256 * 1024 * 1024), None, &d), LagLevel::Warning);
-        assert_eq!(classify_lag(Some(4 * 1024 * 1024 * 1024), None, &d), LagLevel::Critical);
+        assert_eq!(
+            classify_lag(Some(255 * 1024 * 1024), None, &d),
+            LagLevel::Ok
+        );
+        assert_eq!(
+            classify_lag(Some(256 * 1024 * 1024), None, &d),
+            LagLevel::Warning
+        );
+        assert_eq!(
+            classify_lag(Some(4 * 1024 * 1024 * 1024), None, &d),
+            LagLevel::Critical
+        );
     }
 
     #[test]

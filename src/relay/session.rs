@@ -163,7 +163,20 @@ pub async fn run(
         sent: Lsn::ZERO,
         last_progress: Instant::now(),
     };
-    let result = s.run(reader, writer, &mut shutdown).await;
+    let mut writer = writer;
+    let result = match s.run(reader, &mut writer, &mut shutdown).await {
+        Ok(SessionEnd::Shutdown) => s.finish(writer).await,
+        Err(e) => {
+            // Deliver and confirm what precedes the failure, so the next session
+            // starts right at it instead of re-sending (or never getting past)
+            // the events before it. Best effort: the connection may be gone.
+            if !matches!(e, RelayError::Replication(_)) {
+                let _ = s.drain().await;
+                let _ = s.send_status(&mut writer).await;
+            }
+            Err(e)
+        }
+    };
     metrics.active.set(0);
     metrics.in_flight.set(0);
     // Records still queued belong to unconfirmed transactions that the next
@@ -198,7 +211,7 @@ impl Session<'_> {
     async fn run(
         &mut self,
         mut reader: ReplicationReader,
-        mut writer: ReplicationWriter,
+        writer: &mut ReplicationWriter,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<SessionEnd, RelayError> {
         let t = &self.cfg.tuning;
@@ -211,9 +224,7 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
-                    return self.drain_and_finish(writer).await;
-                }
+                _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
                 Some(report) = self.reports.recv() => {
                     self.on_report(report)?;
                     // Acks come in bursts; take all that are there in one go.
@@ -231,7 +242,7 @@ impl Session<'_> {
                             self.received = self.received.max(wal_end);
                             self.cp.idle_advance(wal_end);
                             if reply_requested {
-                                self.send_status(&mut writer).await?;
+                                self.send_status(writer).await?;
                             }
                         }
                         None => return Err(RelayError::StreamEnded),
@@ -239,12 +250,12 @@ impl Session<'_> {
                 }
                 _ = confirm_tick.tick() => {
                     if self.cp.confirmed() > self.sent {
-                        self.send_status(&mut writer).await?;
+                        self.send_status(writer).await?;
                     }
                     self.check_stall();
                 }
                 _ = status_tick.tick() => {
-                    self.send_status(&mut writer).await?;
+                    self.send_status(writer).await?;
                 }
             }
         }
@@ -515,9 +526,8 @@ impl Session<'_> {
         }
     }
 
-    /// Graceful stop: wait (bounded) for in-flight acknowledgements so the next
-    /// worker re-sends as little as possible, confirm, and end the stream.
-    async fn drain_and_finish(&mut self, mut writer: ReplicationWriter) -> Result<SessionEnd, RelayError> {
+    /// Waits (bounded) for in-flight acknowledgements, confirming what they complete.
+    async fn drain(&mut self) -> Result<(), RelayError> {
         let deadline = Instant::now() + self.cfg.tuning.drain_timeout;
         while self.cp.in_flight() > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -526,6 +536,13 @@ impl Session<'_> {
                 Ok(None) | Err(_) => break,
             }
         }
+        Ok(())
+    }
+
+    /// Graceful stop: drain so the next worker re-sends as little as possible,
+    /// confirm, and end the stream.
+    async fn finish(&mut self, mut writer: ReplicationWriter) -> Result<SessionEnd, RelayError> {
+        self.drain().await?;
         self.send_status(&mut writer).await?;
         writer.finish().await?;
         info!(confirmed = %self.cp.confirmed(), left_in_flight = self.cp.in_flight(), "stopped");
