@@ -71,7 +71,10 @@ async fn run_relay(args: RelayArgs) -> Result<(), Box<dyn std::error::Error>> {
         (None, None) => return Err("give --spec FILE or OUTBOX_RELAY_SPEC".into()),
     };
     let file = SpecFile::parse(&text)?;
-    let name = args.name.or(file.name).ok_or("no relay name: set --name or metadata.name")?;
+    let name = args
+        .name
+        .or(file.name)
+        .ok_or("no relay name: set --name or metadata.name")?;
     let namespace = args.namespace.or(file.namespace).unwrap_or_else(|| "default".into());
     let cfg = RelayConfig::from_spec(&namespace, &name, &file.spec, &Credentials::from_env()?)?;
 

@@ -58,7 +58,11 @@ impl RelayMetrics {
 
         let mut r = Registry::with_prefix("outbox_relay");
         r.register("events", "Outbox events delivered to Kafka", events.clone());
-        r.register("payload_bytes", "Bytes of keys, payloads and headers delivered", bytes.clone());
+        r.register(
+            "payload_bytes",
+            "Bytes of keys, payloads and headers delivered",
+            bytes.clone(),
+        );
         r.register(
             "transaction_events",
             "Outbox events per committed transaction",
@@ -75,8 +79,16 @@ impl RelayMetrics {
             confirmed_lsn.clone(),
         );
         r.register("errors", "Errors by category", errors.clone());
-        r.register("active", "1 while this worker streams from the slot, 0 as standby", active.clone());
-        r.register("in_flight_events", "Events sent to Kafka and not yet acknowledged", in_flight.clone());
+        r.register(
+            "active",
+            "1 while this worker streams from the slot, 0 as standby",
+            active.clone(),
+        );
+        r.register(
+            "in_flight_events",
+            "Events sent to Kafka and not yet acknowledged",
+            in_flight.clone(),
+        );
         r.register(
             "last_event_timestamp_seconds",
             "Commit time of the last delivered event, Unix seconds",
@@ -129,8 +141,14 @@ mod tests {
         m.error("MessageTooLarge");
         m.commit_to_ack_seconds.observe(0.004);
         let text = m.encode();
-        assert!(text.contains("outbox_relay_events_total{outcome=\"relayed\"} 3"), "{text}");
-        assert!(text.contains("outbox_relay_errors_total{kind=\"MessageTooLarge\"} 1"), "{text}");
+        assert!(
+            text.contains("outbox_relay_events_total{outcome=\"relayed\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_errors_total{kind=\"MessageTooLarge\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("outbox_relay_commit_to_ack_seconds_bucket"), "{text}");
         assert!(text.contains("outbox_relay_confirmed_lsn"), "{text}");
     }

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use outbox_operator::api::{ColumnMapping, LagThresholds, PgSslMode};
 use outbox_operator::postgres::{
-    self, LagLevel, PgConnectConfig, PgError, Provisioned, QualifiedTable, check_prerequisites,
-    drop_publication, drop_slot, ensure_publication, ensure_slot, quote_ident, quote_literal,
-    slot_status,
+    self, LagLevel, PgConnectConfig, PgError, Provisioned, QualifiedTable, check_prerequisites, drop_publication,
+    drop_slot, ensure_publication, ensure_slot, quote_ident, quote_literal, slot_status,
 };
 use outbox_testbed::{Components, Postgres, shared, unique_name};
 use tokio_postgres::Client;
@@ -54,13 +53,8 @@ impl TestDb {
     async fn new(prefix: &str) -> Self {
         let bed = shared().await;
         let name = unique_name(prefix);
-        bed.pg
-            .create_database(&name)
-            .await
-            .expect("create database");
-        let client = postgres::connect(&config(&bed.pg, &name))
-            .await
-            .expect("connect");
+        bed.pg.create_database(&name).await.expect("create database");
+        let client = postgres::connect(&config(&bed.pg, &name)).await.expect("connect");
         Self {
             pg: &bed.pg,
             slot: name.replace('-', "_"),
@@ -71,10 +65,7 @@ impl TestDb {
 
     async fn with_outbox(prefix: &str) -> Self {
         let db = Self::new(prefix).await;
-        db.client
-            .batch_execute(OUTBOX_DDL)
-            .await
-            .expect("create outbox table");
+        db.client.batch_execute(OUTBOX_DDL).await.expect("create outbox table");
         db
     }
 
@@ -156,10 +147,7 @@ async fn happy_path_provisions_and_is_idempotent() {
         .expect("prerequisites still hold");
     assert!(again.slot_exists);
 
-    assert_eq!(
-        published_tables(&db.client, "outbox_pub").await,
-        ["public.outbox"]
-    );
+    assert_eq!(published_tables(&db.client, "outbox_pub").await, ["public.outbox"]);
     assert_eq!(
         publication_options(&db.client, "outbox_pub").await,
         (true, false, false, false, true),
@@ -174,11 +162,7 @@ async fn happy_path_provisions_and_is_idempotent() {
     assert!(!info.active);
 
     assert!(drop_slot(&db.client, &db.slot).await.expect("drop slot"));
-    assert!(
-        !drop_slot(&db.client, &db.slot)
-            .await
-            .expect("drop missing slot")
-    );
+    assert!(!drop_slot(&db.client, &db.slot).await.expect("drop missing slot"));
     assert!(
         drop_publication(&db.client, "outbox_pub")
             .await
@@ -189,12 +173,7 @@ async fn happy_path_provisions_and_is_idempotent() {
             .await
             .expect("drop missing publication")
     );
-    assert!(
-        slot_status(&db.client, &db.slot)
-            .await
-            .expect("status")
-            .is_none()
-    );
+    assert!(slot_status(&db.client, &db.slot).await.expect("status").is_none());
 }
 
 #[tokio::test]
@@ -207,20 +186,11 @@ async fn concurrent_callers_both_succeed() {
         ensure_publication(&other, "race_pub", &table)
     );
     let (a, b) = (a.expect("first caller"), b.expect("second caller"));
-    assert!(
-        a == Provisioned::Created || b == Provisioned::Created,
-        "{a:?} {b:?}"
-    );
+    assert!(a == Provisioned::Created || b == Provisioned::Created, "{a:?} {b:?}");
 
-    let (a, b) = tokio::join!(
-        ensure_slot(&db.client, &db.slot),
-        ensure_slot(&other, &db.slot)
-    );
+    let (a, b) = tokio::join!(ensure_slot(&db.client, &db.slot), ensure_slot(&other, &db.slot));
     let (a, b) = (a.expect("first caller"), b.expect("second caller"));
-    assert!(
-        a == Provisioned::Created || b == Provisioned::Created,
-        "{a:?} {b:?}"
-    );
+    assert!(a == Provisioned::Created || b == Provisioned::Created, "{a:?} {b:?}");
     assert_ne!(a, b, "exactly one caller creates the slot");
 
     drop_slot(&db.client, &db.slot).await.expect("drop slot");
@@ -332,10 +302,7 @@ async fn missing_table_is_reported() {
     )
     .await
     .expect_err("a view is not a table");
-    assert!(
-        matches!(err, PgError::NotATable { kind: "view", .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, PgError::NotATable { kind: "view", .. }), "{err:?}");
     assert_eq!(err.category(), "TableNotFound");
 }
 
@@ -366,13 +333,7 @@ async fn missing_or_unsuitable_columns_are_reported() {
         .await
         .expect_err("headers column is missing");
     assert!(
-        matches!(
-            err,
-            PgError::ColumnNotFound {
-                field: "headers",
-                ..
-            }
-        ),
+        matches!(err, PgError::ColumnNotFound { field: "headers", .. }),
         "{err:?}"
     );
 
@@ -395,13 +356,7 @@ async fn missing_or_unsuitable_columns_are_reported() {
     .await
     .expect_err("integer payload");
     assert!(
-        matches!(
-            err,
-            PgError::UnsupportedColumnType {
-                field: "payload",
-                ..
-            }
-        ),
+        matches!(err, PgError::UnsupportedColumnType { field: "payload", .. }),
         "{err:?}"
     );
     assert!(err.to_string().contains("integer"), "{err}");
@@ -448,10 +403,7 @@ async fn role_without_replication_is_refused() {
     let err = check_prerequisites(&client, &outbox(), &ColumnMapping::default(), &db.slot)
         .await
         .expect_err("no REPLICATION attribute");
-    assert!(
-        matches!(err, PgError::InsufficientPrivilege { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, PgError::InsufficientPrivilege { .. }), "{err:?}");
     assert_eq!(err.category(), "InsufficientPrivilege");
     assert!(err.to_string().contains("REPLICATION"), "{err}");
 
@@ -490,10 +442,7 @@ async fn wrong_credentials_are_authentication_failures() {
         ..db.config()
     };
     let err = postgres::connect(&wrong).await.expect_err("wrong password");
-    assert!(
-        matches!(err, PgError::AuthenticationFailed { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, PgError::AuthenticationFailed { .. }), "{err:?}");
     assert_eq!(err.category(), "AuthenticationFailed");
 
     let none = PgConnectConfig {
@@ -507,9 +456,7 @@ async fn wrong_credentials_are_authentication_failures() {
         user: format!("{}_nobody", db.slot),
         ..db.config()
     };
-    let err = postgres::connect(&unknown_user)
-        .await
-        .expect_err("unknown user");
+    let err = postgres::connect(&unknown_user).await.expect_err("unknown user");
     assert_eq!(err.category(), "AuthenticationFailed", "{err:?}");
 }
 
@@ -536,24 +483,16 @@ async fn closed_port_is_unreachable() {
     };
     let started = Instant::now();
     let err = postgres::connect(&cfg).await.expect_err("nothing listens");
-    assert!(
-        matches!(err, PgError::DatabaseUnreachable { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, PgError::DatabaseUnreachable { .. }), "{err:?}");
     assert_eq!(err.category(), "DatabaseUnreachable");
     assert!(err.is_transient());
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "refused must fail fast"
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "refused must fail fast");
 }
 
 #[tokio::test]
 async fn silent_server_times_out_as_unreachable() {
     // Accepts TCP connections and never answers, like a black-holed proxy.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let holder = tokio::spawn(async move {
         let mut held = Vec::new();
@@ -589,9 +528,7 @@ async fn require_tls_against_plaintext_server_fails_clearly() {
         ssl_mode: PgSslMode::Require,
         ..db.config()
     };
-    let err = postgres::connect(&cfg)
-        .await
-        .expect_err("server has no TLS");
+    let err = postgres::connect(&cfg).await.expect_err("server has no TLS");
     assert_eq!(err.category(), "TlsHandshakeFailed", "{err:?}");
     assert!(err.to_string().contains("does not support TLS"), "{err}");
 }
@@ -610,12 +547,7 @@ async fn slot_status_reports_growing_lag() {
     let lag_before = before.lag_bytes.expect("lag is known");
     assert!(lag_before >= 0);
     assert_eq!(before.wal_status.as_deref(), Some("reserved"));
-    assert!(
-        before
-            .confirmed_flush_lsn
-            .as_deref()
-            .is_some_and(|l| l.contains('/'))
-    );
+    assert!(before.confirmed_flush_lsn.as_deref().is_some_and(|l| l.contains('/')));
     assert!(before.restart_lsn.is_some());
 
     db.client
@@ -637,10 +569,7 @@ async fn slot_status_reports_growing_lag() {
         "before {lag_before}, after {lag_after}"
     );
     assert!(after.retained_bytes.expect("retained is known") >= lag_after);
-    assert_eq!(
-        after.confirmed_flush_lsn, before.confirmed_flush_lsn,
-        "nobody consumed"
-    );
+    assert_eq!(after.confirmed_flush_lsn, before.confirmed_flush_lsn, "nobody consumed");
 
     let thresholds = LagThresholds {
         warning_bytes: 1_000_000,
@@ -671,12 +600,7 @@ async fn drop_slot_frees_a_slot_held_by_a_streaming_session() {
             db.name
         ))
         .args(["--slot", &db.slot, "--start", "--no-loop", "--file", "-"])
-        .args([
-            "--option",
-            "proto_version=1",
-            "--option",
-            "publication_names=drop_pub",
-        ])
+        .args(["--option", "proto_version=1", "--option", "publication_names=drop_pub"])
         .env("PGPASSWORD", db.pg.password())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -694,10 +618,7 @@ async fn drop_slot_frees_a_slot_held_by_a_streaming_session() {
         if info.active {
             break info.active_pid.expect("an active slot has a pid");
         }
-        assert!(
-            Instant::now() < deadline,
-            "pg_recvlogical never took the slot"
-        );
+        assert!(Instant::now() < deadline, "pg_recvlogical never took the slot");
         assert!(
             receiver.try_wait().expect("poll child").is_none(),
             "pg_recvlogical exited early"
@@ -706,17 +627,8 @@ async fn drop_slot_frees_a_slot_held_by_a_streaming_session() {
     };
     assert!(holder > 0);
 
-    assert!(
-        drop_slot(&db.client, &db.slot)
-            .await
-            .expect("drop active slot")
-    );
-    assert!(
-        slot_status(&db.client, &db.slot)
-            .await
-            .expect("status")
-            .is_none()
-    );
+    assert!(drop_slot(&db.client, &db.slot).await.expect("drop active slot"));
+    assert!(slot_status(&db.client, &db.slot).await.expect("status").is_none());
     let status = tokio::time::timeout(Duration::from_secs(10), receiver.wait())
         .await
         .expect("pg_recvlogical ends once its session is terminated")
@@ -746,26 +658,18 @@ async fn publication_drift_is_repaired() {
 
     for name in ["wide", "empty", "only_other"] {
         assert_eq!(
-            ensure_publication(&db.client, name, &outbox())
-                .await
-                .expect("repair"),
+            ensure_publication(&db.client, name, &outbox()).await.expect("repair"),
             Provisioned::Updated,
             "{name}"
         );
-        assert_eq!(
-            published_tables(&db.client, name).await,
-            ["public.outbox"],
-            "{name}"
-        );
+        assert_eq!(published_tables(&db.client, name).await, ["public.outbox"], "{name}");
         assert_eq!(
             publication_options(&db.client, name).await,
             (true, false, false, false, true),
             "{name}"
         );
         assert_eq!(
-            ensure_publication(&db.client, name, &outbox())
-                .await
-                .expect("recheck"),
+            ensure_publication(&db.client, name, &outbox()).await.expect("recheck"),
             Provisioned::Unchanged,
             "{name}"
         );
@@ -784,24 +688,16 @@ async fn publication_drift_is_repaired() {
             .expect("create filtered publications");
         for name in ["filtered", "by_schema"] {
             assert_eq!(
-                ensure_publication(&db.client, name, &outbox())
-                    .await
-                    .expect("repair"),
+                ensure_publication(&db.client, name, &outbox()).await.expect("repair"),
                 Provisioned::Updated,
                 "{name}"
             );
             assert_eq!(
-                ensure_publication(&db.client, name, &outbox())
-                    .await
-                    .expect("recheck"),
+                ensure_publication(&db.client, name, &outbox()).await.expect("recheck"),
                 Provisioned::Unchanged,
                 "{name}"
             );
-            assert_eq!(
-                published_tables(&db.client, name).await,
-                ["public.outbox"],
-                "{name}"
-            );
+            assert_eq!(published_tables(&db.client, name).await, ["public.outbox"], "{name}");
         }
         let filters: i64 = db
             .client
@@ -848,10 +744,7 @@ async fn partitioned_outbox_is_published_via_its_root() {
             .expect("publication"),
         Provisioned::Created
     );
-    assert_eq!(
-        published_tables(&db.client, "part_pub").await,
-        ["public.outbox"]
-    );
+    assert_eq!(published_tables(&db.client, "part_pub").await, ["public.outbox"]);
 }
 
 #[tokio::test]
@@ -862,10 +755,7 @@ async fn foreign_slots_with_our_name_are_conflicts() {
     // Same name, other database.
     other_db
         .client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&db.slot],
-        )
+        .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&db.slot])
         .await
         .expect("create slot in the other database");
     let err = ensure_slot(&db.client, &db.slot)
@@ -883,39 +773,28 @@ async fn foreign_slots_with_our_name_are_conflicts() {
         )
         .await
         .expect("create test_decoding slot");
-    let err = ensure_slot(&db.client, &db.slot)
-        .await
-        .expect_err("wrong plugin");
+    let err = ensure_slot(&db.client, &db.slot).await.expect_err("wrong plugin");
     assert_eq!(err.category(), "SlotConflict", "{err:?}");
     assert!(err.to_string().contains("test_decoding"), "{err}");
     drop_slot(&db.client, &db.slot).await.expect("drop");
 
     // Same name, physical.
     db.client
-        .execute(
-            "SELECT pg_create_physical_replication_slot($1)",
-            &[&db.slot],
-        )
+        .execute("SELECT pg_create_physical_replication_slot($1)", &[&db.slot])
         .await
         .expect("create physical slot");
-    let err = ensure_slot(&db.client, &db.slot)
-        .await
-        .expect_err("physical slot");
+    let err = ensure_slot(&db.client, &db.slot).await.expect_err("physical slot");
     assert_eq!(err.category(), "SlotConflict", "{err:?}");
     drop_slot(&db.client, &db.slot).await.expect("drop");
 
-    let err = ensure_slot(&db.client, "Not-Valid")
-        .await
-        .expect_err("bad slot name");
+    let err = ensure_slot(&db.client, "Not-Valid").await.expect_err("bad slot name");
     assert_eq!(err.category(), "InvalidSpec");
 }
 
 /// Starts a private server (the shared one must stay as it is).
 async fn private_server() -> Postgres {
     let components = Components::locate().expect("test bed components");
-    Postgres::start(&components)
-        .await
-        .expect("start private postgres")
+    Postgres::start(&components).await.expect("start private postgres")
 }
 
 #[tokio::test]
@@ -930,13 +809,8 @@ async fn wal_level_replica_is_reported() {
     pg.stop().await.expect("stop");
     pg.start_again().await.expect("restart");
 
-    let client = postgres::connect(&config(&pg, "postgres"))
-        .await
-        .expect("connect");
-    client
-        .batch_execute(OUTBOX_DDL)
-        .await
-        .expect("create outbox");
+    let client = postgres::connect(&config(&pg, "postgres")).await.expect("connect");
+    client.batch_execute(OUTBOX_DDL).await.expect("create outbox");
     let err = check_prerequisites(&client, &outbox(), &ColumnMapping::default(), "any_slot")
         .await
         .expect_err("wal_level is replica");
@@ -954,13 +828,8 @@ async fn wal_level_replica_is_reported() {
 #[tokio::test]
 async fn slot_limit_is_reported() {
     let pg = private_server().await;
-    let client = postgres::connect(&config(&pg, "postgres"))
-        .await
-        .expect("connect");
-    client
-        .batch_execute(OUTBOX_DDL)
-        .await
-        .expect("create outbox");
+    let client = postgres::connect(&config(&pg, "postgres")).await.expect("connect");
+    client.batch_execute(OUTBOX_DDL).await.expect("create outbox");
     let max: i64 = client
         .query_one("SELECT current_setting('max_replication_slots')::int8", &[])
         .await
@@ -982,9 +851,7 @@ async fn slot_limit_is_reported() {
     assert_eq!(err, PgError::SlotLimitReached { max, used: max });
     assert_eq!(err.category(), "SlotLimitReached");
     // Creating anyway (the limit was reached after the check) gives the same error.
-    let err = ensure_slot(&client, "ours")
-        .await
-        .expect_err("no free slot");
+    let err = ensure_slot(&client, "ours").await.expect_err("no free slot");
     assert_eq!(err.category(), "SlotLimitReached", "{err:?}");
 
     // An existing slot of ours needs no free one.
@@ -1013,33 +880,18 @@ fn make_certs(dir: &std::path::Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
     for (name, cn) in [("ca", "provisioning-test-ca"), ("other-ca", "unrelated-ca")] {
         let subject = format!("/CN={cn}");
         let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
         let mut args = vec!["req", "-x509"];
         args.extend(ec);
-        args.extend([
-            "-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subject,
-        ]);
+        args.extend(["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subject]);
         run(&args);
     }
     let mut args = vec!["req"];
     args.extend(ec);
-    args.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
+    args.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
     run(&args);
     std::fs::write(
         dir.join("server.ext"),
@@ -1086,10 +938,7 @@ async fn tls_modes_follow_libpq() {
         .batch_execute("ALTER SYSTEM SET ssl = on")
         .await
         .expect("enable ssl");
-    admin
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .expect("reload");
+    admin.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
     drop(admin);
 
     let ca = std::fs::read(certs.path().join("ca.crt")).expect("read CA");
@@ -1103,10 +952,7 @@ async fn tls_modes_follow_libpq() {
     async fn uses_tls(cfg: &PgConnectConfig) -> Result<bool, PgError> {
         let client = postgres::connect(cfg).await?;
         Ok(client
-            .query_one(
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                &[],
-            )
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
             .await
             .expect("read pg_stat_ssl")
             .get(0))
@@ -1148,19 +994,10 @@ async fn tls_modes_follow_libpq() {
     ));
 
     let failures = [
-        (
-            cfg(PgSslMode::VerifyFull, Some(&ca), "127.0.0.1"),
-            "not valid for name",
-        ),
-        (
-            cfg(PgSslMode::VerifyCa, Some(&other_ca), "127.0.0.1"),
-            "UnknownIssuer",
-        ),
+        (cfg(PgSslMode::VerifyFull, Some(&ca), "127.0.0.1"), "not valid for name"),
+        (cfg(PgSslMode::VerifyCa, Some(&other_ca), "127.0.0.1"), "UnknownIssuer"),
         // Require with a CA verifies the chain, as libpq does with a root certificate.
-        (
-            cfg(PgSslMode::Require, Some(&other_ca), "127.0.0.1"),
-            "UnknownIssuer",
-        ),
+        (cfg(PgSslMode::Require, Some(&other_ca), "127.0.0.1"), "UnknownIssuer"),
     ];
     for (c, why) in failures {
         let err = uses_tls(&c).await.expect_err(why);

@@ -45,7 +45,14 @@ async fn sigkill_mid_stream_loses_nothing() {
     let mut child = fx.spawn_worker_process(dir.path());
     let expect: HashSet<String> = ids.into_iter().collect();
     assert_eq!(expect.len(), 20 * 300);
-    let records = consume_async(&fx.bootstrap, &fx.topic, &expect, Duration::from_secs(180), Duration::from_secs(1)).await;
+    let records = consume_async(
+        &fx.bootstrap,
+        &fx.topic,
+        &expect,
+        Duration::from_secs(180),
+        Duration::from_secs(1),
+    )
+    .await;
     child.kill().expect("kill");
     let _ = child.wait();
 
@@ -54,7 +61,10 @@ async fn sigkill_mid_stream_loses_nothing() {
     check_per_key_order(&records).expect("per-key order across crashes");
     // The slot advanced between crashes (each worker confirmed some progress).
     let distinct: HashSet<_> = confirmed_before_kill.iter().flatten().collect();
-    assert!(distinct.len() >= 2, "slot never advanced between kills: {confirmed_before_kill:?}");
+    assert!(
+        distinct.len() >= 2,
+        "slot never advanced between kills: {confirmed_before_kill:?}"
+    );
     let duplicates = records.len() - expect.len();
     eprintln!(
         "{} events, {} records read, {} duplicates after {kills} SIGKILLs",

@@ -38,13 +38,20 @@ async fn ten_thousand_events_arrive_in_order_per_aggregate() {
 
     // The slot moves past everything once Kafka acknowledged it.
     let target: Lsn = after_inserts.parse().expect("lsn");
-    eventually(Duration::from_secs(30), "confirmed_flush_lsn to pass the inserts", || async {
-        let c = fx.slot_confirmed_flush().await?;
-        (c.parse::<Lsn>().ok()? >= target).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "confirmed_flush_lsn to pass the inserts",
+        || async {
+            let c = fx.slot_confirmed_flush().await?;
+            (c.parse::<Lsn>().ok()? >= target).then_some(())
+        },
+    )
     .await;
     let text = worker.handle.metrics.encode();
-    assert!(text.contains("outbox_relay_events_total{outcome=\"relayed\"}"), "{text}");
+    assert!(
+        text.contains("outbox_relay_events_total{outcome=\"relayed\"}"),
+        "{text}"
+    );
     worker.shutdown().await;
 }
 
@@ -95,7 +102,10 @@ async fn routes_by_column_and_carries_headers() {
     });
     fx.spec.outbox.columns.headers = Some("headers".into());
     for t in ["Order", "Payment"] {
-        bed.kafka.create_topic(&format!("{prefix}.{t}"), 1).await.expect("topic");
+        bed.kafka
+            .create_topic(&format!("{prefix}.{t}"), 1)
+            .await
+            .expect("topic");
     }
     let worker = fx.start_worker();
     let mut client = bed.pg.client(&fx.db).await.expect("connect");
@@ -182,7 +192,14 @@ async fn bytea_payload_is_sent_as_stored() {
         .await
         .expect("insert")
         .get(0);
-    let records = consume_async(&fx.bootstrap, &fx.topic, &HashSet::from([id]), WAIT, Duration::from_millis(500)).await;
+    let records = consume_async(
+        &fx.bootstrap,
+        &fx.topic,
+        &HashSet::from([id]),
+        WAIT,
+        Duration::from_millis(500),
+    )
+    .await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].payload.as_deref(), Some(&[0x00u8, 0xff, 0x7f, 0x0a][..]));
     worker.shutdown().await;

@@ -16,7 +16,9 @@ const WAIT: Duration = Duration::from_secs(180);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_outage_stalls_keeps_the_wal_and_resumes() {
     let bed = outbox_testbed::shared().await;
-    let kafka = Kafka::start(&Components::locate().expect("components")).await.expect("private kafka");
+    let kafka = Kafka::start(&Components::locate().expect("components"))
+        .await
+        .expect("private kafka");
     let fx = Fixture::new(&bed.pg, &kafka, "kafka-outage", 4).await;
     let worker = fx.start_worker();
     let client = bed.pg.client(&fx.db).await.expect("connect");
@@ -26,7 +28,12 @@ async fn kafka_outage_stalls_keeps_the_wal_and_resumes() {
     let records = consume_async(&fx.bootstrap, &fx.topic, &first, WAIT, Duration::ZERO).await;
     assert_all_delivered(&records, &first);
     eventually(Duration::from_secs(20), "first batch confirmed", || async {
-        (worker.handle.metrics.encode().contains("outbox_relay_in_flight_events 0")).then_some(())
+        (worker
+            .handle
+            .metrics
+            .encode()
+            .contains("outbox_relay_in_flight_events 0"))
+        .then_some(())
     })
     .await;
 
@@ -34,9 +41,11 @@ async fn kafka_outage_stalls_keeps_the_wal_and_resumes() {
     let confirmed_at_stop = fx.slot_confirmed_flush().await;
     ids.extend(fx.insert_events_from(&client, 20, 25, 20, 26).await);
 
-    let why = eventually(Duration::from_secs(30), "the worker to report itself stalled", || async {
-        worker.handle.state.readiness().err()
-    })
+    let why = eventually(
+        Duration::from_secs(30),
+        "the worker to report itself stalled",
+        || async { worker.handle.state.readiness().err() },
+    )
     .await;
     assert!(why.contains("stalled"), "{why}");
     // Nothing new is confirmed while Kafka is away: the WAL stays on the server.
@@ -58,7 +67,9 @@ async fn kafka_outage_stalls_keeps_the_wal_and_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crash_mid_stream_reconnects_and_resumes() {
     let bed = outbox_testbed::shared().await;
-    let pg = Postgres::start(&Components::locate().expect("components")).await.expect("private postgres");
+    let pg = Postgres::start(&Components::locate().expect("components"))
+        .await
+        .expect("private postgres");
     let fx = Fixture::new(&pg, &bed.kafka, "pg-restart", 4).await;
     let worker = fx.start_worker();
     let client = pg.client(&fx.db).await.expect("connect");

@@ -37,10 +37,20 @@ async fn oversized_event_stops_the_relay_and_is_kept() {
     let big = insert(&client, "a", 8000).await;
     let after = insert(&client, "a", 10).await;
 
-    let records = consume_async(&fx.bootstrap, &fx.topic, &HashSet::from([small.clone()]), WAIT, Duration::from_secs(2)).await;
+    let records = consume_async(
+        &fx.bootstrap,
+        &fx.topic,
+        &HashSet::from([small.clone()]),
+        WAIT,
+        Duration::from_secs(2),
+    )
+    .await;
     let ids: Vec<_> = records.iter().filter_map(|r| r.id.clone()).collect();
     assert!(ids.contains(&small));
-    assert!(!ids.contains(&big) && !ids.contains(&after), "nothing passes the poison event: {ids:?}");
+    assert!(
+        !ids.contains(&big) && !ids.contains(&after),
+        "nothing passes the poison event: {ids:?}"
+    );
     let why = eventually(Duration::from_secs(20), "not ready with the reason", || async {
         worker
             .handle
@@ -88,18 +98,38 @@ async fn dead_letter_policy_moves_poison_aside_and_goes_on() {
     let big = insert(&client, "a", 8000).await;
     let after = insert(&client, "a", 10).await;
 
-    let main = consume_async(&fx.bootstrap, &fx.topic, &HashSet::from([small, after]), WAIT, Duration::from_millis(500)).await;
+    let main = consume_async(
+        &fx.bootstrap,
+        &fx.topic,
+        &HashSet::from([small, after]),
+        WAIT,
+        Duration::from_millis(500),
+    )
+    .await;
     assert_eq!(main.len(), 2, "{main:?}");
-    let dead = consume_async(&fx.bootstrap, &dlq, &HashSet::from([big.clone()]), WAIT, Duration::from_millis(500)).await;
+    let dead = consume_async(
+        &fx.bootstrap,
+        &dlq,
+        &HashSet::from([big.clone()]),
+        WAIT,
+        Duration::from_millis(500),
+    )
+    .await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     let d = &dead[0];
     assert_eq!(d.key.as_deref(), Some("a"));
-    assert_eq!(d.headers.get("outbox-error-kind").map(String::as_str), Some("MessageTooLarge"));
+    assert_eq!(
+        d.headers.get("outbox-error-kind").map(String::as_str),
+        Some("MessageTooLarge")
+    );
     assert_eq!(d.headers.get("outbox-original-topic"), Some(&fx.topic));
     assert_eq!(d.payload, None, "the oversized payload itself is left out");
     assert!(worker.handle.state.readiness().is_ok());
     let text = worker.handle.metrics.encode();
-    assert!(text.contains("outbox_relay_events_total{outcome=\"dead_lettered\"} 1"), "{text}");
+    assert!(
+        text.contains("outbox_relay_events_total{outcome=\"dead_lettered\"} 1"),
+        "{text}"
+    );
     worker.shutdown().await;
 }
 
@@ -130,7 +160,14 @@ async fn unknown_topic_is_reported_and_delivered_once_created() {
 
     let topic = format!("{prefix}.Order");
     bed.kafka.create_topic(&topic, 1).await.expect("topic");
-    let records = consume_async(&fx.bootstrap, &topic, &HashSet::from([id]), WAIT, Duration::from_millis(500)).await;
+    let records = consume_async(
+        &fx.bootstrap,
+        &topic,
+        &HashSet::from([id]),
+        WAIT,
+        Duration::from_millis(500),
+    )
+    .await;
     assert_eq!(records.len(), 1, "{records:?}");
     worker.shutdown().await;
 }

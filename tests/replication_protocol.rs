@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use outbox_operator::relay::lsn::Lsn;
 use outbox_operator::relay::pgoutput::{self, ColumnValue, PgOutputMessage};
 use outbox_operator::relay::replication::{
-    ReplicationConfig, ReplicationConnection, ReplicationMessage, ReplicationReader, SslMode,
-    publication_names,
+    ReplicationConfig, ReplicationConnection, ReplicationMessage, ReplicationReader, SslMode, publication_names,
 };
 use outbox_testbed::{Components, Postgres, unique_name};
 use tokio::sync::OnceCell;
@@ -23,9 +22,7 @@ static PG: OnceCell<Postgres> = OnceCell::const_new();
 async fn pg() -> &'static Postgres {
     PG.get_or_init(|| async {
         let components = Components::locate().expect("locating test bed components");
-        Postgres::start(&components)
-            .await
-            .expect("starting PostgreSQL")
+        Postgres::start(&components).await.expect("starting PostgreSQL")
     })
     .await
 }
@@ -67,18 +64,10 @@ impl Fixture {
             .await
             .expect("creating schema");
         client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
+            .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
             .await
             .expect("creating slot");
-        Fixture {
-            pg,
-            db,
-            slot,
-            client,
-        }
+        Fixture { pg, db, slot, client }
     }
 
     fn config(&self) -> ReplicationConfig {
@@ -128,10 +117,7 @@ async fn next_change(reader: &mut ReplicationReader) -> (Lsn, PgOutputMessage) {
             .expect("timed out waiting for a change")
             .expect("reading the stream")
             .expect("stream ended");
-        if let ReplicationMessage::XLogData {
-            wal_start, data, ..
-        } = msg
-        {
+        if let ReplicationMessage::XLogData { wal_start, data, .. } = msg {
             let decoded = pgoutput::decode(&data).expect("decoding pgoutput");
             return (wal_start, decoded);
         }
@@ -139,8 +125,7 @@ async fn next_change(reader: &mut ReplicationReader) -> (Lsn, PgOutputMessage) {
 }
 
 fn text(v: &ColumnValue) -> &str {
-    v.as_str()
-        .unwrap_or_else(|| panic!("not a text value: {v:?}"))
+    v.as_str().unwrap_or_else(|| panic!("not a text value: {v:?}"))
 }
 
 #[tokio::test]
@@ -187,9 +172,7 @@ async fn bad_credentials_are_reported_as_such() {
 
     let mut none = config(pg, "postgres");
     none.password = None;
-    let err = ReplicationConnection::connect(&none)
-        .await
-        .expect_err("no password");
+    let err = ReplicationConnection::connect(&none).await.expect_err("no password");
     assert_eq!(err.category(), "PasswordRequired", "{err}");
 
     let mut closed = config(pg, "postgres");
@@ -237,10 +220,7 @@ async fn md5_cleartext_and_trust_logins() {
         ),
     )
     .unwrap();
-    client
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .unwrap();
+    client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
 
     for (user, password) in [
         (&md5, Some("md5-secret")),
@@ -256,10 +236,7 @@ async fn md5_cleartext_and_trust_logins() {
         let mut conn = loop {
             match ReplicationConnection::connect(&c).await {
                 Ok(conn) => break conn,
-                Err(e)
-                    if Instant::now() < deadline
-                        && (e.is_auth_failed() || e.category() == "PasswordRequired") =>
-                {
+                Err(e) if Instant::now() < deadline && (e.is_auth_failed() || e.category() == "PasswordRequired") => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!("{user}: {e}"),
@@ -269,9 +246,7 @@ async fn md5_cleartext_and_trust_logins() {
 
         if let Some(p) = password {
             c.password = Some(format!("{p}-wrong"));
-            let err = ReplicationConnection::connect(&c)
-                .await
-                .expect_err("wrong password");
+            let err = ReplicationConnection::connect(&c).await.expect_err("wrong password");
             assert!(err.is_auth_failed(), "{user}: {err}");
         }
     }
@@ -284,12 +259,9 @@ async fn committed_inserts_arrive_and_rollbacks_do_not() {
     // Written before streaming starts: the slot keeps it for us.
     let mut tx = fx.pg.client(&fx.db).await.expect("connecting");
     let t = tx.transaction().await.unwrap();
-    t.execute(
-        "INSERT INTO outbox VALUES (100, 'rolled-back', NULL, NULL)",
-        &[],
-    )
-    .await
-    .unwrap();
+    t.execute("INSERT INTO outbox VALUES (100, 'rolled-back', NULL, NULL)", &[])
+        .await
+        .unwrap();
     t.rollback().await.unwrap();
 
     let t = tx.transaction().await.unwrap();
@@ -299,11 +271,7 @@ async fn committed_inserts_arrive_and_rollbacks_do_not() {
     )
     .await
     .unwrap();
-    let xid: i64 = t
-        .query_one("SELECT txid_current()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let xid: i64 = t.query_one("SELECT txid_current()", &[]).await.unwrap().get(0);
     t.commit().await.unwrap();
 
     let (mut reader, _writer) = fx.start().await;
@@ -312,20 +280,13 @@ async fn committed_inserts_arrive_and_rollbacks_do_not() {
     let PgOutputMessage::Begin(begin) = begin else {
         panic!("expected Begin, got {begin:?}")
     };
-    assert_eq!(
-        i64::from(begin.xid),
-        xid,
-        "the rolled-back transaction leaked"
-    );
+    assert_eq!(i64::from(begin.xid), xid, "the rolled-back transaction leaked");
 
     let (_, rel) = next_change(&mut reader).await;
     let PgOutputMessage::Relation(rel) = rel else {
         panic!("expected Relation, got {rel:?}")
     };
-    assert_eq!(
-        (rel.namespace.as_str(), rel.name.as_str()),
-        ("public", "outbox")
-    );
+    assert_eq!((rel.namespace.as_str(), rel.name.as_str()), ("public", "outbox"));
     let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["id", "topic", "payload", "note"]);
 
@@ -402,10 +363,7 @@ async fn flush_position_advances_only_when_sent() {
     assert_eq!(fx.confirmed_flush().await, created);
 
     // Confirming "received but not flushed" does not move the slot either.
-    writer
-        .send_status(end, Lsn::ZERO, Lsn::ZERO, false)
-        .await
-        .unwrap();
+    writer.send_status(end, Lsn::ZERO, Lsn::ZERO, false).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fx.confirmed_flush().await, created);
 
@@ -416,14 +374,8 @@ async fn flush_position_advances_only_when_sent() {
         if now == end {
             break;
         }
-        assert!(
-            now < end,
-            "slot moved past what we confirmed: {now} > {end}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "slot stuck at {now}, expected {end}"
-        );
+        assert!(now < end, "slot moved past what we confirmed: {now} > {end}");
+        assert!(Instant::now() < deadline, "slot stuck at {now}, expected {end}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -464,10 +416,7 @@ async fn missing_slot_is_slot_missing() {
         .start_logical(
             "no_such_slot",
             Lsn::ZERO,
-            &[
-                ("proto_version", "1"),
-                ("publication_names", "\"outbox_pub\""),
-            ],
+            &[("proto_version", "1"), ("publication_names", "\"outbox_pub\"")],
         )
         .await
         .expect_err("slot does not exist");
@@ -482,10 +431,7 @@ async fn keepalive_replies_keep_the_session_alive() {
     // A short timeout makes the server ask for a reply after ~1 s of silence
     // and give up on us after 2 s.
     fx.client
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{}\" SET wal_sender_timeout = '2s'",
-            fx.db
-        ))
+        .batch_execute(&format!("ALTER DATABASE \"{}\" SET wal_sender_timeout = '2s'", fx.db))
         .await
         .unwrap();
 
@@ -517,15 +463,9 @@ async fn keepalive_replies_keep_the_session_alive() {
                         .as_secs(),
                 )
                 .unwrap();
-            assert!(
-                skew.abs() < 60,
-                "server time decoded wrongly: {server_time}"
-            );
+            assert!(skew.abs() < 60, "server time decoded wrongly: {server_time}");
             if reply_requested {
-                writer
-                    .send_status(wal_end, Lsn::ZERO, Lsn::ZERO, false)
-                    .await
-                    .unwrap();
+                writer.send_status(wal_end, Lsn::ZERO, Lsn::ZERO, false).await.unwrap();
                 replies += 1;
             }
         }
@@ -590,20 +530,14 @@ async fn enable_tls(pg: &Postgres) {
         loop {
             let fresh = pg.client("postgres").await.unwrap();
             let row = fresh
-                .query_one(
-                    "SELECT current_setting('ssl'), current_setting('ssl_cert_file')",
-                    &[],
-                )
+                .query_one("SELECT current_setting('ssl'), current_setting('ssl_cert_file')", &[])
                 .await
                 .unwrap();
             let (ssl, cert): (String, String) = (row.get(0), row.get(1));
             if ssl == "on" && cert == "replication-test.crt" {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "TLS never came up: ssl={ssl} cert={cert}"
-            );
+            assert!(Instant::now() < deadline, "TLS never came up: ssl={ssl} cert={cert}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
@@ -641,13 +575,9 @@ async fn tls_modes() {
     assert!(!conn.is_tls());
 
     // The certificate names "localhost" only.
-    let conn = connect(SslMode::VerifyCa, "127.0.0.1", Some("ca.crt"))
-        .await
-        .unwrap();
+    let conn = connect(SslMode::VerifyCa, "127.0.0.1", Some("ca.crt")).await.unwrap();
     assert!(conn.is_tls());
-    let mut conn = connect(SslMode::VerifyFull, "localhost", Some("ca.crt"))
-        .await
-        .unwrap();
+    let mut conn = connect(SslMode::VerifyFull, "localhost", Some("ca.crt")).await.unwrap();
     assert!(conn.is_tls());
     conn.identify_system().await.unwrap();
     let err = connect(SslMode::VerifyFull, "127.0.0.1", Some("ca.crt"))

@@ -87,10 +87,7 @@ fn tags_as_chars(tags: &[u8]) -> Vec<char> {
 async fn kafka_record_round_trips() {
     let bed = shared().await;
     let topic = unique_name("smoke");
-    bed.kafka
-        .create_topic(&topic, 1)
-        .await
-        .expect("create topic");
+    bed.kafka.create_topic(&topic, 1).await.expect("create topic");
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bed.kafka.bootstrap())
@@ -132,19 +129,9 @@ async fn kube_apiserver_answers_kube_rs_and_kubectl() {
     let client = bed.kube.client().await.expect("kube client");
     let namespaces: Api<Namespace> = Api::all(client);
 
-    let listed = namespaces
-        .list(&ListParams::default())
-        .await
-        .expect("list namespaces");
-    let names: Vec<_> = listed
-        .items
-        .iter()
-        .filter_map(|n| n.metadata.name.clone())
-        .collect();
-    assert!(
-        names.iter().any(|n| n == "kube-system"),
-        "namespaces: {names:?}"
-    );
+    let listed = namespaces.list(&ListParams::default()).await.expect("list namespaces");
+    let names: Vec<_> = listed.items.iter().filter_map(|n| n.metadata.name.clone()).collect();
+    assert!(names.iter().any(|n| n == "kube-system"), "namespaces: {names:?}");
 
     let name = unique_name("smoke");
     let ns = Namespace {
@@ -171,8 +158,5 @@ async fn kube_apiserver_answers_kube_rs_and_kubectl() {
         "kubectl failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("namespace/{name}")
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("namespace/{name}"));
 }

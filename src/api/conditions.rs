@@ -110,7 +110,12 @@ mod tests {
 
     #[test]
     fn new_condition_gets_now() {
-        let out = merge(&[], &[Desired::new(types::READY, true, reasons::RELAYING, "ok")], Some(3), &t(100));
+        let out = merge(
+            &[],
+            &[Desired::new(types::READY, true, reasons::RELAYING, "ok")],
+            Some(3),
+            &t(100),
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].status, "True");
         assert_eq!(out[0].observed_generation, Some(3));
@@ -119,18 +124,47 @@ mod tests {
 
     #[test]
     fn time_moves_only_on_flip() {
-        let first = merge(&[], &[Desired::new(types::READY, false, reasons::NOT_READY, "a")], Some(1), &t(100));
-        let same = merge(&first, &[Desired::new(types::READY, false, reasons::TABLE_NOT_FOUND, "b")], Some(2), &t(200));
-        assert_eq!(same[0].last_transition_time, t(100), "reason change alone keeps the time");
+        let first = merge(
+            &[],
+            &[Desired::new(types::READY, false, reasons::NOT_READY, "a")],
+            Some(1),
+            &t(100),
+        );
+        let same = merge(
+            &first,
+            &[Desired::new(types::READY, false, reasons::TABLE_NOT_FOUND, "b")],
+            Some(2),
+            &t(200),
+        );
+        assert_eq!(
+            same[0].last_transition_time,
+            t(100),
+            "reason change alone keeps the time"
+        );
         assert_eq!(same[0].reason, reasons::TABLE_NOT_FOUND);
-        let flipped = merge(&same, &[Desired::new(types::READY, true, reasons::RELAYING, "c")], Some(2), &t(300));
+        let flipped = merge(
+            &same,
+            &[Desired::new(types::READY, true, reasons::RELAYING, "c")],
+            Some(2),
+            &t(300),
+        );
         assert_eq!(flipped[0].last_transition_time, t(300));
     }
 
     #[test]
     fn other_writers_conditions_are_kept() {
-        let first = merge(&[], &[Desired::new("Relaying", true, reasons::RELAYING, "worker")], Some(1), &t(1));
-        let out = merge(&first, &[Desired::new(types::READY, true, reasons::RELAYING, "op")], Some(1), &t(2));
+        let first = merge(
+            &[],
+            &[Desired::new("Relaying", true, reasons::RELAYING, "worker")],
+            Some(1),
+            &t(1),
+        );
+        let out = merge(
+            &first,
+            &[Desired::new(types::READY, true, reasons::RELAYING, "op")],
+            Some(1),
+            &t(2),
+        );
         assert_eq!(out.len(), 2);
         assert!(find(&out, "Relaying").is_some());
         assert!(find(&out, types::READY).is_some());

@@ -33,6 +33,9 @@ pub const PROTECTED_PRODUCER_KEYS: &[&str] = &[
 ];
 
 /// Declares one relay: which outbox table to stream from which database to which Kafka topics.
+// Several `printcolumn(...)` entries share keys like `type_`; clippy reads them as
+// repeated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "outbox.dev",
@@ -46,11 +49,25 @@ pub const PROTECTED_PRODUCER_KEYS: &[&str] = &[
     status = "OutboxRelayStatus",
     derive = "PartialEq",
     doc = "Relays rows inserted into a PostgreSQL outbox table to Kafka through logical replication.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
     printcolumn(name = "Table", type_ = "string", json_path = ".spec.outbox.table"),
     printcolumn(name = "Topic", type_ = "string", json_path = ".status.destination"),
-    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.slot.lagBytes", description = "Bytes of WAL not yet confirmed by the relay"),
+    printcolumn(
+        name = "Lag",
+        type_ = "integer",
+        json_path = ".status.slot.lagBytes",
+        description = "Bytes of WAL not yet confirmed by the relay"
+    ),
     printcolumn(name = "Slot", type_ = "string", json_path = ".status.slot.name", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]

@@ -50,7 +50,10 @@ pub fn producer_config(s: &KafkaSettings) -> ClientConfig {
         .set("compression.codec", s.compression.as_str())
         .set("linger.ms", s.linger_ms.to_string())
         // Room for key and headers on top of the largest payload we accept.
-        .set("message.max.bytes", (s.max_message_bytes.saturating_add(64 * 1024)).to_string())
+        .set(
+            "message.max.bytes",
+            (s.max_message_bytes.saturating_add(64 * 1024)).to_string(),
+        )
         .set("queue.buffering.max.messages", (MAX_IN_FLIGHT * 2).to_string())
         .set("queue.buffering.max.kbytes", (1024 * 1024).to_string())
         // Same key → same partition as the Java client, so consumers and other
@@ -95,7 +98,9 @@ impl DeliveryErrorKind {
         use RDKafkaErrorCode as C;
         match e.rdkafka_error_code() {
             Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge) => Self::MessageTooLarge,
-            Some(C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition | C::InvalidTopic) => Self::UnknownTopic,
+            Some(C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition | C::InvalidTopic) => {
+                Self::UnknownTopic
+            }
             Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => Self::NotAuthorized,
             Some(C::InvalidRecord) => Self::InvalidRecord,
             _ => Self::Other,
@@ -212,7 +217,9 @@ impl ProducerContext for RelayProducerContext {
                         .headers()
                         .map(|h| {
                             h.iter()
-                                .map(|Header { key, value }| (key.to_string(), value.map(<[u8]>::to_vec).unwrap_or_default()))
+                                .map(|Header { key, value }| {
+                                    (key.to_string(), value.map(<[u8]>::to_vec).unwrap_or_default())
+                                })
                                 .collect()
                         })
                         .unwrap_or_default(),
@@ -227,12 +234,14 @@ impl ProducerContext for RelayProducerContext {
 
 /// Rebuilds librdkafka headers from owned pairs (dead-letter records).
 pub fn owned_headers(pairs: &[(String, Vec<u8>)]) -> OwnedHeaders {
-    pairs.iter().fold(OwnedHeaders::new_with_capacity(pairs.len() + 3), |h, (k, v)| {
-        h.insert(Header {
-            key: k,
-            value: Some(v.as_slice()),
+    pairs
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(pairs.len() + 3), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            })
         })
-    })
 }
 
 #[cfg(test)]
@@ -279,7 +288,10 @@ mod tests {
     #[test]
     fn classification() {
         let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
-        assert_eq!(DeliveryErrorKind::classify(&too_large), DeliveryErrorKind::MessageTooLarge);
+        assert_eq!(
+            DeliveryErrorKind::classify(&too_large),
+            DeliveryErrorKind::MessageTooLarge
+        );
         let unknown = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition);
         assert_eq!(DeliveryErrorKind::classify(&unknown), DeliveryErrorKind::UnknownTopic);
         let down = KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown);

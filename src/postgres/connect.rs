@@ -10,9 +10,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
@@ -56,10 +54,7 @@ impl fmt::Debug for PgConnectConfig {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("ssl_mode", &self.ssl_mode)
-            .field(
-                "ca_pem",
-                &self.ca_pem.as_ref().map(|p| format!("<{} bytes>", p.len())),
-            )
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("<{} bytes>", p.len())))
             .field("application_name", &self.application_name)
             .finish()
     }
@@ -109,9 +104,7 @@ impl PgConnectConfig {
                 PgSslMode::Prefer => SslMode::Prefer,
                 // Certificate checks happen in our rustls config; to tokio-postgres
                 // all three only mean "TLS or nothing".
-                PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull => {
-                    SslMode::Require
-                }
+                PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull => SslMode::Require,
             });
         if let Some(pw) = &self.password {
             c.password(pw);
@@ -167,9 +160,7 @@ where
 fn classify_connect_error(cfg: &PgConnectConfig, e: &tokio_postgres::Error) -> PgError {
     if let Some(db) = e.as_db_error() {
         let code = db.code();
-        return if *code == SqlState::INVALID_PASSWORD
-            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-        {
+        return if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
             PgError::AuthenticationFailed {
                 user: cfg.user.clone(),
                 detail: render_db_error(db),
@@ -246,10 +237,7 @@ fn has_cause<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 'sta
 /// (unless `Require` is given a CA, which makes it `VerifyCa`); `VerifyCa` checks
 /// the chain against the CA; `VerifyFull` also checks that the certificate names
 /// the host. Public so other PostgreSQL connections of the crate can share it.
-pub fn tls_client_config(
-    mode: PgSslMode,
-    ca_pem: Option<&[u8]>,
-) -> Result<Option<ClientConfig>, PgError> {
+pub fn tls_client_config(mode: PgSslMode, ca_pem: Option<&[u8]>) -> Result<Option<ClientConfig>, PgError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match (mode, ca_pem) {
         (PgSslMode::Disable, _) => return Ok(None),
@@ -262,27 +250,20 @@ pub fn tls_client_config(
         (PgSslMode::VerifyFull, Some(pem)) => webpki_verifier(pem, &provider)?,
         (PgSslMode::VerifyCa | PgSslMode::VerifyFull, None) => {
             return Err(PgError::TlsConfig {
-                reason: format!(
-                    "sslmode {mode:?} needs a CA certificate (spec.database.tls.caSecretRef)"
-                ),
+                reason: format!("sslmode {mode:?} needs a CA certificate (spec.database.tls.caSecretRef)"),
             });
         }
     };
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| PgError::TlsConfig {
-            reason: e.to_string(),
-        })?
+        .map_err(|e| PgError::TlsConfig { reason: e.to_string() })?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     Ok(Some(config))
 }
 
-fn webpki_verifier(
-    pem: &[u8],
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>, PgError> {
+fn webpki_verifier(pem: &[u8], provider: &Arc<CryptoProvider>) -> Result<Arc<WebPkiServerVerifier>, PgError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem) {
         let cert = cert.map_err(|e| PgError::TlsConfig {
@@ -299,9 +280,7 @@ fn webpki_verifier(
     }
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| PgError::TlsConfig {
-            reason: e.to_string(),
-        })
+        .map_err(|e| PgError::TlsConfig { reason: e.to_string() })
 }
 
 /// `sslmode=prefer/require` without a CA: encryption without authentication of the
@@ -330,12 +309,7 @@ impl ServerCertVerifier for NoCertificateCheck {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -344,18 +318,11 @@ impl ServerCertVerifier for NoCertificateCheck {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -375,13 +342,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             // Name checks run after the chain has been validated, so a name
             // mismatch implies the chain itself is good.
             Err(rustls::Error::InvalidCertificate(
@@ -435,8 +399,7 @@ mod tests {
 
     #[test]
     fn from_spec_checks_port() {
-        let ok =
-            PgConnectConfig::from_spec(&spec(5432), "u", Some("p".into()), None, "relay").unwrap();
+        let ok = PgConnectConfig::from_spec(&spec(5432), "u", Some("p".into()), None, "relay").unwrap();
         assert_eq!(ok.port, 5432);
         assert_eq!(ok.ssl_mode, PgSslMode::Prefer);
         for bad in [0, -1, 65536] {
@@ -447,8 +410,7 @@ mod tests {
 
     #[test]
     fn debug_hides_password() {
-        let c = PgConnectConfig::from_spec(&spec(5432), "u", Some("hunter2".into()), None, "relay")
-            .unwrap();
+        let c = PgConnectConfig::from_spec(&spec(5432), "u", Some("hunter2".into()), None, "relay").unwrap();
         let s = format!("{c:?}");
         assert!(!s.contains("hunter2"), "{s}");
         assert!(s.contains("redacted"));
@@ -456,21 +418,9 @@ mod tests {
 
     #[test]
     fn tls_modes() {
-        assert!(
-            tls_client_config(PgSslMode::Disable, None)
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            tls_client_config(PgSslMode::Prefer, None)
-                .unwrap()
-                .is_some()
-        );
-        assert!(
-            tls_client_config(PgSslMode::Require, None)
-                .unwrap()
-                .is_some()
-        );
+        assert!(tls_client_config(PgSslMode::Disable, None).unwrap().is_none());
+        assert!(tls_client_config(PgSslMode::Prefer, None).unwrap().is_some());
+        assert!(tls_client_config(PgSslMode::Require, None).unwrap().is_some());
         for mode in [PgSslMode::VerifyCa, PgSslMode::VerifyFull] {
             let e = tls_client_config(mode, None).unwrap_err();
             assert_eq!(e.category(), "TlsConfigInvalid");

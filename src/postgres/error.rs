@@ -31,18 +31,10 @@ pub enum PgError {
     TlsConfig { reason: String },
 
     #[error("TLS with PostgreSQL at {host}:{port} failed: {detail}")]
-    TlsHandshake {
-        host: String,
-        port: u16,
-        detail: String,
-    },
+    TlsHandshake { host: String, port: u16, detail: String },
 
     #[error("cannot reach PostgreSQL at {host}:{port}: {detail}")]
-    DatabaseUnreachable {
-        host: String,
-        port: u16,
-        detail: String,
-    },
+    DatabaseUnreachable { host: String, port: u16, detail: String },
 
     #[error("PostgreSQL rejected the credentials of user {user:?}: {detail}")]
     AuthenticationFailed { user: String, detail: String },
@@ -51,10 +43,7 @@ pub enum PgError {
     DatabaseNotFound { database: String },
 
     #[error("lost the PostgreSQL connection while trying to {action}: {detail}")]
-    ConnectionLost {
-        action: &'static str,
-        detail: String,
-    },
+    ConnectionLost { action: &'static str, detail: String },
 
     #[error(
         "the PostgreSQL server is a standby (in recovery); point the relay at the primary, \
@@ -84,9 +73,7 @@ pub enum PgError {
         field: &'static str,
     },
 
-    #[error(
-        "column {column:?} of table {table} cannot be used as spec.outbox.columns.{field}: {reason}"
-    )]
+    #[error("column {column:?} of table {table} cannot be used as spec.outbox.columns.{field}: {reason}")]
     UnsupportedColumnType {
         table: String,
         column: String,
@@ -131,9 +118,7 @@ impl PgError {
             PgError::InvalidName { .. } | PgError::InvalidConfig { .. } => reasons::INVALID_SPEC,
             PgError::TlsConfig { .. } => "TlsConfigInvalid",
             PgError::TlsHandshake { .. } => "TlsHandshakeFailed",
-            PgError::DatabaseUnreachable { .. } | PgError::ConnectionLost { .. } => {
-                reasons::DATABASE_UNREACHABLE
-            }
+            PgError::DatabaseUnreachable { .. } | PgError::ConnectionLost { .. } => reasons::DATABASE_UNREACHABLE,
             PgError::AuthenticationFailed { .. } => reasons::AUTHENTICATION_FAILED,
             PgError::DatabaseNotFound { .. } => "DatabaseNotFound",
             PgError::ServerIsStandby => "ServerIsStandby",
@@ -156,9 +141,7 @@ impl PgError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            PgError::DatabaseUnreachable { .. }
-                | PgError::ConnectionLost { .. }
-                | PgError::SlotInUse { .. }
+            PgError::DatabaseUnreachable { .. } | PgError::ConnectionLost { .. } | PgError::SlotInUse { .. }
         )
     }
 }
@@ -228,18 +211,11 @@ pub(crate) fn query_error(action: &'static str, err: tokio_postgres::Error) -> P
 /// Reads column `idx` of a row. The queries fix every column's type, so a mismatch
 /// means a server that is not the PostgreSQL we expect; that must fail the call,
 /// not panic the process (which `Row::get` would do).
-pub(crate) fn col<'a, T: FromSql<'a>>(
-    row: &'a Row,
-    idx: usize,
-    action: &'static str,
-) -> Result<T, PgError> {
+pub(crate) fn col<'a, T: FromSql<'a>>(row: &'a Row, idx: usize, action: &'static str) -> Result<T, PgError> {
     row.try_get(idx).map_err(|e| PgError::Query {
         action,
         code: None,
-        detail: format!(
-            "unexpected value in result column {idx}: {}",
-            render_chain(&e)
-        ),
+        detail: format!("unexpected value in result column {idx}: {}", render_chain(&e)),
     })
 }
 
@@ -266,10 +242,7 @@ mod tests {
         assert_eq!(e.category(), "WalLevelNotLogical");
         assert!(e.to_string().contains("wal_level = logical"));
         assert!(e.to_string().contains("restart"));
-        assert_eq!(
-            PgError::TableNotFound { table: "t".into() }.category(),
-            "TableNotFound"
-        );
+        assert_eq!(PgError::TableNotFound { table: "t".into() }.category(), "TableNotFound");
         assert_eq!(
             PgError::InsufficientPrivilege {
                 action: "x".into(),
@@ -300,12 +273,8 @@ mod tests {
     #[test]
     fn categories_are_camel_case() {
         let all = [
-            PgError::InvalidConfig {
-                reason: String::new(),
-            },
-            PgError::TlsConfig {
-                reason: String::new(),
-            },
+            PgError::InvalidConfig { reason: String::new() },
+            PgError::TlsConfig { reason: String::new() },
             PgError::TlsHandshake {
                 host: String::new(),
                 port: 0,
@@ -315,9 +284,7 @@ mod tests {
                 database: String::new(),
             },
             PgError::ServerIsStandby,
-            PgError::UnsupportedServerVersion {
-                version: String::new(),
-            },
+            PgError::UnsupportedServerVersion { version: String::new() },
             PgError::ColumnNotFound {
                 table: String::new(),
                 column: String::new(),
@@ -339,10 +306,7 @@ mod tests {
         ];
         for e in all {
             let c = e.category();
-            assert!(
-                c.chars().next().is_some_and(|ch| ch.is_ascii_uppercase()),
-                "{c}"
-            );
+            assert!(c.chars().next().is_some_and(|ch| ch.is_ascii_uppercase()), "{c}");
             assert!(c.chars().all(|ch| ch.is_ascii_alphanumeric()), "{c}");
         }
     }

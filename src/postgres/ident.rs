@@ -118,14 +118,10 @@ impl QualifiedTable {
         };
         let mut parts = input.split('.');
         let (Some(schema), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(invalid(
-                "must be written as schema.table with exactly one dot",
-            ));
+            return Err(invalid("must be written as schema.table with exactly one dot"));
         };
         if schema.is_empty() || name.is_empty() {
-            return Err(invalid(
-                "must be written as schema.table with both parts non-empty",
-            ));
+            return Err(invalid("must be written as schema.table with both parts non-empty"));
         }
         Self::new(schema, name)
     }
@@ -139,12 +135,7 @@ impl QualifiedTable {
 impl fmt::Display for QualifiedTable {
     /// The quoted form, ready to splice into SQL: `"schema"."table"`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{}",
-            quote_ident(&self.schema),
-            quote_ident(&self.name)
-        )
+        write!(f, "{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 }
 
@@ -183,10 +174,7 @@ mod tests {
     fn quotes_literals() {
         assert_eq!(quote_literal("insert"), "'insert'");
         assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(
-            quote_literal("'; DROP TABLE t; --"),
-            "'''; DROP TABLE t; --'"
-        );
+        assert_eq!(quote_literal("'; DROP TABLE t; --"), "'''; DROP TABLE t; --'");
         assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
         assert_eq!(quote_literal(""), "''");
     }
@@ -231,14 +219,7 @@ mod tests {
     fn slot_names() {
         assert!(validate_slot_name("outbox_default_orders").is_ok());
         assert!(validate_slot_name(&"a".repeat(63)).is_ok());
-        for bad in [
-            "",
-            "Upper",
-            "with-dash",
-            "sp ace",
-            "quo\"te",
-            &"a".repeat(64),
-        ] {
+        for bad in ["", "Upper", "with-dash", "sp ace", "quo\"te", &"a".repeat(64)] {
             assert!(validate_slot_name(bad).is_err(), "{bad:?}");
         }
     }

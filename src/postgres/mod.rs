@@ -15,7 +15,7 @@ pub use connect::{CONNECT_TIMEOUT, PgConnectConfig, connect, tls_client_config};
 pub use error::PgError;
 pub use ident::{QualifiedTable, quote_ident, quote_literal};
 pub use provision::{
-    OUTPUT_PLUGIN, Prerequisites, Provisioned, check_prerequisites, drop_publication, drop_slot,
-    ensure_publication, ensure_slot,
+    OUTPUT_PLUGIN, Prerequisites, Provisioned, check_prerequisites, drop_publication, drop_slot, ensure_publication,
+    ensure_slot,
 };
 pub use slot::{LagLevel, SlotInfo, classify_lag, slot_status};

@@ -157,11 +157,7 @@ pub async fn check_prerequisites(
 }
 
 /// Checks the table and its mapped columns; returns whether it is partitioned.
-async fn check_table(
-    client: &Client,
-    table: &QualifiedTable,
-    columns: &ColumnMapping,
-) -> Result<bool, PgError> {
+async fn check_table(client: &Client, table: &QualifiedTable, columns: &ColumnMapping) -> Result<bool, PgError> {
     // Exact catalog lookup rather than to_regclass(): names are case-sensitive
     // as written, and a lookup by value needs no quoting.
     let rel = client
@@ -287,11 +283,7 @@ fn relkind_name(relkind: &str) -> &'static str {
 /// never events (deleting relayed rows is housekeeping), and not publishing them
 /// saves the server the work of decoding them. `publish_via_partition_root` makes
 /// rows of a partitioned outbox arrive under the table's own name.
-pub async fn ensure_publication(
-    client: &Client,
-    name: &str,
-    table: &QualifiedTable,
-) -> Result<Provisioned, PgError> {
+pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTable) -> Result<Provisioned, PgError> {
     validate_identifier("publication name", name)?;
     let create = format!(
         "CREATE PUBLICATION {} FOR TABLE {table} WITH (publish = 'insert', publish_via_partition_root = true)",
@@ -358,11 +350,7 @@ pub async fn ensure_publication(
 }
 
 /// The table can vanish between [`check_prerequisites`] and the DDL here.
-fn publication_ddl_error(
-    action: &'static str,
-    table: &QualifiedTable,
-    e: tokio_postgres::Error,
-) -> PgError {
+fn publication_ddl_error(action: &'static str, table: &QualifiedTable, e: tokio_postgres::Error) -> PgError {
     if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
         return PgError::TableNotFound {
             table: table.unquoted(),
@@ -393,10 +381,7 @@ struct PublicationState {
     schemas: i64,
 }
 
-async fn read_publication(
-    client: &Client,
-    name: &str,
-) -> Result<Option<PublicationState>, PgError> {
+async fn read_publication(client: &Client, name: &str) -> Result<Option<PublicationState>, PgError> {
     let action = "read the publication";
     let Some(row) = client
         .query_opt(
@@ -487,10 +472,7 @@ pub async fn ensure_slot(client: &Client, name: &str) -> Result<Provisioned, PgE
         });
     };
     let problem = if slot.slot_type != "logical" {
-        Some(format!(
-            "it is a {} slot, not a logical one",
-            slot.slot_type
-        ))
+        Some(format!("it is a {} slot, not a logical one", slot.slot_type))
     } else if slot.plugin.as_deref() != Some(OUTPUT_PLUGIN) {
         Some(format!(
             "it uses output plugin {:?}, not {OUTPUT_PLUGIN:?}",
@@ -583,15 +565,10 @@ pub async fn drop_slot(client: &Client, name: &str) -> Result<bool, PgError> {
             client
                 .execute("SELECT pg_terminate_backend($1)", &[&pid])
                 .await
-                .map_err(|e| {
-                    query_error("terminate the session holding the replication slot", e)
-                })?;
+                .map_err(|e| query_error("terminate the session holding the replication slot", e))?;
             wait_until_released(client, name).await?;
         }
-        match client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&name])
-            .await
-        {
+        match client.execute("SELECT pg_drop_replication_slot($1)", &[&name]).await {
             Ok(_) => return Ok(true),
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => return Ok(false),
             // Taken again (e.g. a restarting worker) right after it was freed: go round.
@@ -614,8 +591,7 @@ async fn active_pid(client: &Client, name: &str) -> Result<Option<Option<i32>>, 
         )
         .await
         .map_err(|e| query_error("read the replication slot", e))?;
-    row.map(|r| col(&r, 0, "read the replication slot"))
-        .transpose()
+    row.map(|r| col(&r, 0, "read the replication slot")).transpose()
 }
 
 async fn wait_until_released(client: &Client, name: &str) -> Result<(), PgError> {

@@ -118,11 +118,7 @@ impl LagLevel {
 /// whatever the lag: the server has already given up keeping that WAL, and the next
 /// checkpoint may delete it. An unknown lag (e.g. no confirmed position yet) is `Ok`:
 /// there is nothing to alert on.
-pub fn classify_lag(
-    lag_bytes: Option<i64>,
-    wal_status: Option<&str>,
-    thresholds: &LagThresholds,
-) -> LagLevel {
+pub fn classify_lag(lag_bytes: Option<i64>, wal_status: Option<&str>, thresholds: &LagThresholds) -> LagLevel {
     if wal_status == Some("lost") {
         return LagLevel::Lost;
     }
@@ -152,35 +148,17 @@ mod tests {
     #[test]
     fn by_bytes() {
         assert_eq!(classify_lag(Some(0), Some("reserved"), &th()), LagLevel::Ok);
-        assert_eq!(
-            classify_lag(Some(99), Some("reserved"), &th()),
-            LagLevel::Ok
-        );
-        assert_eq!(
-            classify_lag(Some(100), Some("reserved"), &th()),
-            LagLevel::Warning
-        );
-        assert_eq!(
-            classify_lag(Some(999), Some("extended"), &th()),
-            LagLevel::Warning
-        );
-        assert_eq!(
-            classify_lag(Some(1000), Some("reserved"), &th()),
-            LagLevel::Critical
-        );
-        assert_eq!(
-            classify_lag(Some(i64::MAX), None, &th()),
-            LagLevel::Critical
-        );
+        assert_eq!(classify_lag(Some(99), Some("reserved"), &th()), LagLevel::Ok);
+        assert_eq!(classify_lag(Some(100), Some("reserved"), &th()), LagLevel::Warning);
+        assert_eq!(classify_lag(Some(999), Some("extended"), &th()), LagLevel::Warning);
+        assert_eq!(classify_lag(Some(1000), Some("reserved"), &th()), LagLevel::Critical);
+        assert_eq!(classify_lag(Some(i64::MAX), None, &th()), LagLevel::Critical);
     }
 
     #[test]
     fn negative_or_unknown_lag_is_ok() {
         // A consumer can confirm a position past the one sampled as "current".
-        assert_eq!(
-            classify_lag(Some(-5), Some("reserved"), &th()),
-            LagLevel::Ok
-        );
+        assert_eq!(classify_lag(Some(-5), Some("reserved"), &th()), LagLevel::Ok);
         assert_eq!(classify_lag(None, None, &th()), LagLevel::Ok);
     }
 
@@ -188,32 +166,17 @@ mod tests {
     fn wal_status_escalates() {
         assert_eq!(classify_lag(Some(0), Some("lost"), &th()), LagLevel::Lost);
         assert_eq!(classify_lag(None, Some("lost"), &th()), LagLevel::Lost);
-        assert_eq!(
-            classify_lag(Some(0), Some("unreserved"), &th()),
-            LagLevel::Critical
-        );
-        assert_eq!(
-            classify_lag(Some(5000), Some("unreserved"), &th()),
-            LagLevel::Critical
-        );
+        assert_eq!(classify_lag(Some(0), Some("unreserved"), &th()), LagLevel::Critical);
+        assert_eq!(classify_lag(Some(5000), Some("unreserved"), &th()), LagLevel::Critical);
         assert_eq!(classify_lag(Some(0), Some("extended"), &th()), LagLevel::Ok);
     }
 
     #[test]
     fn default_thresholds() {
         let d = LagThresholds::default();
-        assert_eq!(
-            classify_lag(Some(255 * 1024 * 1024), None, &d),
-            LagLevel::Ok
-        );
-        assert_eq!(
-            classify_lag(Some(256 * 1024 * 1024), None, &d),
-            LagLevel::Warning
-        );
-        assert_eq!(
-            classify_lag(Some(4 * 1024 * 1024 * 1024), None, &d),
-            LagLevel::Critical
-        );
+        assert_eq!(classify_lag(Some(255 * 1024 * 1024), None, &d), LagLevel::Ok);
+        assert_eq!(classify_lag(Some(256 * 1024 * 1024), None, &d), LagLevel::Warning);
+        assert_eq!(classify_lag(Some(4 * 1024 * 1024 * 1024), None, &d), LagLevel::Critical);
     }
 
     #[test]

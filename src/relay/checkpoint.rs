@@ -253,7 +253,7 @@ mod tests {
                 ends.push(((i + 1) * 100, n));
             }
             acks.shuffle(&mut rng);
-            let mut acked = vec![0u32; 20];
+            let mut acked = [0u32; 20];
             for (t, i) in acks {
                 c.ack(t);
                 acked[i as usize] += 1;

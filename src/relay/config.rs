@@ -32,7 +32,11 @@ pub enum ConfigError {
     #[error("outbox table: {0}")]
     InvalidTable(String),
     #[error("cannot read {what} {path}: {detail}")]
-    UnreadableFile { what: &'static str, path: String, detail: String },
+    UnreadableFile {
+        what: &'static str,
+        path: String,
+        detail: String,
+    },
     #[error("relay spec: {0}")]
     InvalidSpecFile(String),
     #[error("spec.kafka sets neither topic nor routeBy")]
@@ -187,7 +191,12 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
-    pub fn from_spec(namespace: &str, name: &str, spec: &OutboxRelaySpec, creds: &Credentials) -> Result<Self, ConfigError> {
+    pub fn from_spec(
+        namespace: &str,
+        name: &str,
+        spec: &OutboxRelaySpec,
+        creds: &Credentials,
+    ) -> Result<Self, ConfigError> {
         let table = QualifiedTable::parse(&spec.outbox.table).map_err(|e| ConfigError::InvalidTable(e.to_string()))?;
         let destination = match (&spec.kafka.topic, &spec.kafka.route_by) {
             (Some(t), _) => Destination::Static(t.clone()),
@@ -209,7 +218,8 @@ impl RelayConfig {
             .ok()
             .filter(|p| *p > 0)
             .ok_or(ConfigError::InvalidPort(spec.database.port))?;
-        let mut replication = ReplicationConfig::new(&spec.database.host, port, &creds.db_username, &spec.database.database);
+        let mut replication =
+            ReplicationConfig::new(&spec.database.host, port, &creds.db_username, &spec.database.database);
         replication.password = creds.db_password.clone();
         let application_name = format!("outbox-relay/{namespace}/{name}");
         replication.application_name = application_name.clone();
@@ -336,7 +346,10 @@ mod tests {
         ));
         let mut s = spec();
         s.kafka.topic = None;
-        assert_eq!(RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(), ConfigError::NoDestination);
+        assert_eq!(
+            RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(),
+            ConfigError::NoDestination
+        );
         let mut s = spec();
         s.delivery.poison_policy = PoisonPolicy::DeadLetter;
         assert_eq!(
@@ -349,11 +362,17 @@ mod tests {
     fn spec_file_takes_a_resource_or_a_bare_spec() {
         let resource = "apiVersion: outbox.dev/v1alpha1\nkind: OutboxRelay\nmetadata: {name: orders, namespace: shop}\nspec:\n  database: {host: db, database: shop, credentialsSecretRef: {name: pg}}\n  outbox: {table: public.outbox}\n  kafka: {bootstrapServers: 'k:9092', topic: orders}\n";
         let f = SpecFile::parse(resource).unwrap();
-        assert_eq!((f.name.as_deref(), f.namespace.as_deref()), (Some("orders"), Some("shop")));
+        assert_eq!(
+            (f.name.as_deref(), f.namespace.as_deref()),
+            (Some("orders"), Some("shop"))
+        );
         assert_eq!(f.spec, spec());
         let bare = serde_json::to_string(&spec()).unwrap();
         assert_eq!(SpecFile::parse(&bare).unwrap().spec, spec());
-        assert!(matches!(SpecFile::parse("database: 3"), Err(ConfigError::InvalidSpecFile(_))));
+        assert!(matches!(
+            SpecFile::parse("database: 3"),
+            Err(ConfigError::InvalidSpecFile(_))
+        ));
     }
 
     #[test]

@@ -42,9 +42,7 @@ impl Lsn {
 
 /// Why a string is not an LSN.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid LSN {input:?}: expected two hexadecimal numbers of 1 to 8 digits separated by '/'"
-)]
+#[error("invalid LSN {input:?}: expected two hexadecimal numbers of 1 to 8 digits separated by '/'")]
 pub struct LsnParseError {
     input: String,
 }
@@ -128,10 +126,7 @@ impl<'de> Deserialize<'de> for Lsn {
 // So queries can bind and read `pg_lsn` values directly, e.g.
 // `SELECT confirmed_flush_lsn FROM pg_replication_slots`.
 impl<'a> FromSql<'a> for Lsn {
-    fn from_sql(
-        _ty: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+    fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         Ok(Lsn(postgres_protocol::types::lsn_from_sql(raw)?))
     }
 
@@ -139,11 +134,7 @@ impl<'a> FromSql<'a> for Lsn {
 }
 
 impl ToSql for Lsn {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         postgres_protocol::types::lsn_to_sql(self.0, out);
         Ok(IsNull::No)
     }
@@ -201,14 +192,7 @@ mod tests {
 
     #[test]
     fn display_and_parse_round_trip() {
-        for v in [
-            0,
-            1,
-            0xFFFF_FFFF,
-            0x1_0000_0000,
-            0xDEAD_BEEF_0000_0001,
-            u64::MAX,
-        ] {
+        for v in [0, 1, 0xFFFF_FFFF, 0x1_0000_0000, 0xDEAD_BEEF_0000_0001, u64::MAX] {
             assert_eq!(Lsn(v).to_string().parse::<Lsn>(), Ok(Lsn(v)));
         }
     }

@@ -109,7 +109,11 @@ pub struct Mapper {
 #[derive(Debug)]
 enum Route {
     Static(Arc<str>),
-    Column { index: usize, column: String, template: String },
+    Column {
+        index: usize,
+        column: String,
+        template: String,
+    },
 }
 
 impl Mapper {
@@ -166,7 +170,9 @@ impl Mapper {
         if self.payload_is_bytea
             && let Some(p) = &payload
         {
-            payload = Some(decode_bytea(p).ok_or_else(|| MappingError::InvalidBytea { event_id: id_for_errors() })?);
+            payload = Some(decode_bytea(p).ok_or_else(|| MappingError::InvalidBytea {
+                event_id: id_for_errors(),
+            })?);
         }
         let extra_headers = match self.headers {
             Some(i) => match value(row, i, "headers", Some(&id_for_errors))? {
@@ -245,7 +251,8 @@ pub fn valid_topic(t: &str) -> bool {
         && t.len() <= 249
         && t != "."
         && t != ".."
-        && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Decodes bytea's hex output format (`\x0a1b…`).
@@ -332,16 +339,31 @@ pub(crate) mod tests {
 
     #[test]
     fn maps_debezium_columns_to_a_record() {
-        let mut m = Mapper::new(&debezium_relation(3802), &ColumnMapping::default(), &Destination::Static("orders".into())).unwrap();
+        let mut m = Mapper::new(
+            &debezium_relation(3802),
+            &ColumnMapping::default(),
+            &Destination::Static("orders".into()),
+        )
+        .unwrap();
         let r = m
-            .map(&row(&[Some("e1"), Some("Order"), Some("o-42"), Some("OrderCreated"), Some(r#"{"a":1}"#), None]))
+            .map(&row(&[
+                Some("e1"),
+                Some("Order"),
+                Some("o-42"),
+                Some("OrderCreated"),
+                Some(r#"{"a":1}"#),
+                None,
+            ]))
             .unwrap();
         assert_eq!(&*r.topic, "orders");
         assert_eq!(r.key.as_deref(), Some(&b"o-42"[..]));
         assert_eq!(r.payload.as_deref(), Some(&br#"{"a":1}"#[..]));
         assert_eq!(r.event_id.as_deref(), Some(&b"e1"[..]));
         assert_eq!(r.event_type.as_deref(), Some(&b"OrderCreated"[..]));
-        assert!(r.extra_headers.is_empty(), "headers column not mapped unless configured");
+        assert!(
+            r.extra_headers.is_empty(),
+            "headers column not mapped unless configured"
+        );
     }
 
     #[test]
@@ -351,11 +373,36 @@ pub(crate) mod tests {
             template: "outbox.event.${routedByValue}".into(),
         };
         let mut m = Mapper::new(&debezium_relation(25), &ColumnMapping::default(), &dest).unwrap();
-        let r = m.map(&row(&[Some("e1"), Some("Order"), Some("k"), Some("t"), Some("p"), None])).unwrap();
+        let r = m
+            .map(&row(&[
+                Some("e1"),
+                Some("Order"),
+                Some("k"),
+                Some("t"),
+                Some("p"),
+                None,
+            ]))
+            .unwrap();
         assert_eq!(&*r.topic, "outbox.event.Order");
-        let again = m.map(&row(&[Some("e2"), Some("Order"), Some("k"), Some("t"), Some("p"), None])).unwrap();
+        let again = m
+            .map(&row(&[
+                Some("e2"),
+                Some("Order"),
+                Some("k"),
+                Some("t"),
+                Some("p"),
+                None,
+            ]))
+            .unwrap();
         assert!(Arc::ptr_eq(&r.topic, &again.topic), "topic strings are cached");
-        let bad = m.map(&row(&[Some("e3"), Some("Or der"), Some("k"), Some("t"), Some("p"), None]));
+        let bad = m.map(&row(&[
+            Some("e3"),
+            Some("Or der"),
+            Some("k"),
+            Some("t"),
+            Some("p"),
+            None,
+        ]));
         assert!(matches!(bad, Err(MappingError::InvalidTopic { .. })), "{bad:?}");
         let null = m.map(&row(&[Some("e4"), None, Some("k"), Some("t"), Some("p"), None]));
         assert!(matches!(null, Err(MappingError::NullRoute { .. })));
@@ -363,8 +410,22 @@ pub(crate) mod tests {
 
     #[test]
     fn bytea_payload_is_decoded() {
-        let mut m = Mapper::new(&debezium_relation(BYTEA_OID), &ColumnMapping::default(), &Destination::Static("t".into())).unwrap();
-        let r = m.map(&row(&[Some("e"), Some("A"), Some("k"), Some("t"), Some("\\x00ff10"), None])).unwrap();
+        let mut m = Mapper::new(
+            &debezium_relation(BYTEA_OID),
+            &ColumnMapping::default(),
+            &Destination::Static("t".into()),
+        )
+        .unwrap();
+        let r = m
+            .map(&row(&[
+                Some("e"),
+                Some("A"),
+                Some("k"),
+                Some("t"),
+                Some("\\x00ff10"),
+                None,
+            ]))
+            .unwrap();
         assert_eq!(r.payload.as_deref(), Some(&[0u8, 0xff, 0x10][..]));
         let bad = m.map(&row(&[Some("e"), Some("A"), Some("k"), Some("t"), Some("\\x0"), None]));
         assert!(matches!(bad, Err(MappingError::InvalidBytea { .. })));
@@ -378,20 +439,44 @@ pub(crate) mod tests {
         };
         let mut m = Mapper::new(&debezium_relation(25), &cols, &Destination::Static("t".into())).unwrap();
         let r = m
-            .map(&row(&[Some("e"), Some("A"), Some("k"), Some("t"), Some("p"), Some(r#"{"trace":"abc","n":3}"#)]))
+            .map(&row(&[
+                Some("e"),
+                Some("A"),
+                Some("k"),
+                Some("t"),
+                Some("p"),
+                Some(r#"{"trace":"abc","n":3}"#),
+            ]))
             .unwrap();
         assert_eq!(
             r.extra_headers,
-            vec![("n".to_string(), Bytes::from("3")), ("trace".to_string(), Bytes::from("abc"))]
+            vec![
+                ("n".to_string(), Bytes::from("3")),
+                ("trace".to_string(), Bytes::from("abc"))
+            ]
         );
-        let bad = m.map(&row(&[Some("e"), Some("A"), Some("k"), Some("t"), Some("p"), Some("[1]")]));
+        let bad = m.map(&row(&[
+            Some("e"),
+            Some("A"),
+            Some("k"),
+            Some("t"),
+            Some("p"),
+            Some("[1]"),
+        ]));
         assert!(matches!(bad, Err(MappingError::InvalidHeaders { .. })));
     }
 
     #[test]
     fn null_payload_is_a_tombstone_and_null_key_is_unkeyed() {
-        let mut m = Mapper::new(&debezium_relation(25), &ColumnMapping::default(), &Destination::Static("t".into())).unwrap();
-        let r = m.map(&row(&[Some("e"), Some("A"), None, Some("t"), None, None])).unwrap();
+        let mut m = Mapper::new(
+            &debezium_relation(25),
+            &ColumnMapping::default(),
+            &Destination::Static("t".into()),
+        )
+        .unwrap();
+        let r = m
+            .map(&row(&[Some("e"), Some("A"), None, Some("t"), None, None]))
+            .unwrap();
         assert_eq!(r.payload, None);
         assert_eq!(r.key, None);
     }

@@ -131,9 +131,7 @@ impl fmt::Debug for PgTimestamp {
 /// Why a pgoutput message could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PgOutputError {
-    #[error(
-        "truncated pgoutput {message} message: {field} at offset {offset} needs {needed} bytes, {remaining} left"
-    )]
+    #[error("truncated pgoutput {message} message: {field} at offset {offset} needs {needed} bytes, {remaining} left")]
     Truncated {
         message: &'static str,
         field: &'static str,
@@ -150,10 +148,7 @@ pub enum PgOutputError {
         reason: String,
     },
     #[error("pgoutput {message} message: {field} is not valid UTF-8")]
-    InvalidUtf8 {
-        message: &'static str,
-        field: &'static str,
-    },
+    InvalidUtf8 { message: &'static str, field: &'static str },
 }
 
 impl PgOutputError {
@@ -448,11 +443,7 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, PgOutputError> {
         b'M' => "Message",
         _ => return Err(PgOutputError::UnknownMessageType { tag }),
     };
-    let mut r = Reader {
-        data,
-        pos: 1,
-        message,
-    };
+    let mut r = Reader { data, pos: 1, message };
     let decoded = match tag {
         b'B' => PgOutputMessage::Begin(Begin {
             final_lsn: r.lsn("final LSN")?,
@@ -475,9 +466,8 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, PgOutputError> {
             let name = r.cstr("relation name")?;
             let at = r.pos;
             let identity = r.u8("replica identity")?;
-            let replica_identity = ReplicaIdentity::from_byte(identity).ok_or_else(|| {
-                r.malformed(at, format!("unknown replica identity {identity:#04x}"))
-            })?;
+            let replica_identity = ReplicaIdentity::from_byte(identity)
+                .ok_or_else(|| r.malformed(at, format!("unknown replica identity {identity:#04x}")))?;
             let count = r.count16("column count")?;
             // Each column takes at least 10 bytes; bounding the allocation by
             // what is left keeps a lying count from reserving memory.
@@ -519,10 +509,7 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, PgOutputError> {
                 b'O' => Some(OldTuple::Full(r.tuple()?)),
                 b'N' => None,
                 other => {
-                    return Err(r.malformed(
-                        at,
-                        format!("expected tuple marker K, O or N, found {other:#04x}"),
-                    ));
+                    return Err(r.malformed(at, format!("expected tuple marker K, O or N, found {other:#04x}")));
                 }
             };
             if old.is_some() {
@@ -541,10 +528,7 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, PgOutputError> {
                 b'K' => OldTuple::Key(r.tuple()?),
                 b'O' => OldTuple::Full(r.tuple()?),
                 other => {
-                    return Err(r.malformed(
-                        at,
-                        format!("expected tuple marker K or O, found {other:#04x}"),
-                    ));
+                    return Err(r.malformed(at, format!("expected tuple marker K or O, found {other:#04x}")));
                 }
             };
             PgOutputMessage::Delete(Delete { relation_id, old })
@@ -552,17 +536,14 @@ pub fn decode(data: &Bytes) -> Result<PgOutputMessage, PgOutputError> {
         b'T' => {
             let at = r.pos;
             let count = r.i32("relation count")?;
-            let count = usize::try_from(count)
-                .map_err(|_| r.malformed(at, format!("negative relation count {count}")))?;
+            let count =
+                usize::try_from(count).map_err(|_| r.malformed(at, format!("negative relation count {count}")))?;
             let options = r.u8("options")?;
             let mut relation_ids = Vec::with_capacity(count.min(r.remaining() / 4));
             for _ in 0..count {
                 relation_ids.push(r.u32("relation id")?);
             }
-            PgOutputMessage::Truncate(Truncate {
-                options,
-                relation_ids,
-            })
+            PgOutputMessage::Truncate(Truncate { options, relation_ids })
         }
         b'M' => {
             let flags = r.u8("flags")?;
@@ -599,11 +580,7 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], PgOutputError> {
         let data: &'a [u8] = self.data;
-        match self
-            .pos
-            .checked_add(n)
-            .and_then(|end| data.get(self.pos..end))
-        {
+        match self.pos.checked_add(n).and_then(|end| data.get(self.pos..end)) {
             Some(slice) => {
                 self.pos += n;
                 Ok(slice)
@@ -692,10 +669,7 @@ impl<'a> Reader<'a> {
         if got == want {
             Ok(())
         } else {
-            Err(self.malformed(
-                at,
-                format!("expected {field} {:?}, found {got:#04x}", printable(want)),
-            ))
+            Err(self.malformed(at, format!("expected {field} {:?}, found {got:#04x}", printable(want))))
         }
     }
 
@@ -1002,29 +976,11 @@ mod tests {
         assert_eq!(decode(&bad_utf8).unwrap_err().category(), "InvalidUtf8");
         let bad_kind = Msg::new(b'I').u32(1).u8(b'N').i16(1).u8(b'x').done();
         assert_eq!(decode(&bad_kind).unwrap_err().category(), "Malformed");
-        let huge_len = Msg::new(b'I')
-            .u32(1)
-            .u8(b'N')
-            .i16(1)
-            .u8(b't')
-            .i32(i32::MAX)
-            .done();
+        let huge_len = Msg::new(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(i32::MAX).done();
         assert_eq!(decode(&huge_len).unwrap_err().category(), "Truncated");
-        let negative_len = Msg::new(b'I')
-            .u32(1)
-            .u8(b'N')
-            .i16(1)
-            .u8(b't')
-            .i32(-1)
-            .done();
+        let negative_len = Msg::new(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(-1).done();
         assert_eq!(decode(&negative_len).unwrap_err().category(), "Malformed");
-        let bad_identity = Msg::new(b'R')
-            .u32(1)
-            .cstr("")
-            .cstr("t")
-            .u8(b'z')
-            .i16(0)
-            .done();
+        let bad_identity = Msg::new(b'R').u32(1).cstr("").cstr("t").u8(b'z').i16(0).done();
         assert_eq!(decode(&bad_identity).unwrap_err().category(), "Malformed");
     }
 
@@ -1032,9 +988,7 @@ mod tests {
     fn timestamps_use_the_2000_epoch() {
         assert_eq!(PgTimestamp(0).unix_micros(), 946_684_800_000_000);
         assert_eq!(PgTimestamp(0).to_string(), "2000-01-01T00:00:00.000000Z");
-        let t = PgTimestamp::from_system_time(
-            UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
-        );
+        let t = PgTimestamp::from_system_time(UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456));
         assert_eq!(t.unix_micros(), 1_700_000_000_123_456);
         assert_eq!(
             t.to_system_time(),
@@ -1083,8 +1037,7 @@ mod tests {
             kinds.insert(msg.kind());
         }
         let all = [
-            "Begin", "Commit", "Origin", "Relation", "Type", "Insert", "Update", "Delete",
-            "Truncate", "Message",
+            "Begin", "Commit", "Origin", "Relation", "Type", "Insert", "Update", "Delete", "Truncate", "Message",
         ];
         assert_eq!(kinds.into_iter().collect::<Vec<_>>().len(), all.len());
     }
@@ -1099,13 +1052,8 @@ mod tests {
             panic!("{:?}", msgs[0])
         };
         assert_eq!(begin.xid, fx[0].1);
-        let PgOutputMessage::Type(ty) = &msgs[1] else {
-            panic!()
-        };
-        assert_eq!(
-            (ty.namespace.as_str(), ty.name.as_str()),
-            ("public", "mood")
-        );
+        let PgOutputMessage::Type(ty) = &msgs[1] else { panic!() };
+        assert_eq!((ty.namespace.as_str(), ty.name.as_str()), ("public", "mood"));
         let PgOutputMessage::Relation(rel) = &msgs[2] else {
             panic!()
         };
@@ -1159,17 +1107,12 @@ mod tests {
 
         // The rolled-back transaction left nothing: the next Begin is the
         // TOASTed insert.
-        let PgOutputMessage::Begin(_) = &msgs[6] else {
-            panic!()
-        };
+        let PgOutputMessage::Begin(_) = &msgs[6] else { panic!() };
         let PgOutputMessage::Insert(toasted) = &msgs[7] else {
             panic!()
         };
         assert_eq!(toasted.new.columns[1].as_str(), Some("toast"));
-        assert_eq!(
-            toasted.new.columns[7].bytes().map(|b| b.len()),
-            Some(64_000)
-        );
+        assert_eq!(toasted.new.columns[7].bytes().map(|b| b.len()), Some(64_000));
 
         // Updating another column leaves the TOASTed one out.
         let PgOutputMessage::Update(u) = &msgs[10] else {
@@ -1193,10 +1136,7 @@ mod tests {
 
     #[test]
     fn captured_full_identity_truncate_messages_and_origin() {
-        let msgs: Vec<PgOutputMessage> = fixtures()
-            .iter()
-            .map(|(_, _, d)| decode(d).unwrap())
-            .collect();
+        let msgs: Vec<PgOutputMessage> = fixtures().iter().map(|(_, _, d)| decode(d).unwrap()).collect();
         let full_update = msgs.iter().find_map(|m| match m {
             PgOutputMessage::Update(
                 u @ Update {
@@ -1207,10 +1147,7 @@ mod tests {
             _ => None,
         });
         let u = full_update.expect("an update with the full old row");
-        assert_eq!(
-            u.old.as_ref().unwrap().tuple().columns[1].as_str(),
-            Some("x")
-        );
+        assert_eq!(u.old.as_ref().unwrap().tuple().columns[1].as_str(), Some("x"));
         assert_eq!(u.new.columns[1].as_str(), Some("y"));
         assert!(msgs.iter().any(|m| matches!(
             m,
@@ -1260,10 +1197,7 @@ mod tests {
         for (lsn, _, data) in fixtures() {
             for cut in 0..data.len() {
                 let prefix = data.slice(..cut);
-                assert!(
-                    decode(&prefix).is_err(),
-                    "{lsn}: prefix of {cut} bytes decoded"
-                );
+                assert!(decode(&prefix).is_err(), "{lsn}: prefix of {cut} bytes decoded");
             }
         }
     }

@@ -44,9 +44,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, Rea
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::client::WebPkiServerVerifier;
-use tokio_rustls::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
+use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
@@ -139,12 +137,7 @@ pub struct ReplicationConfig {
 impl ReplicationConfig {
     /// A config with libpq-like defaults: TLS preferred, no password, a 30 s
     /// connect timeout.
-    pub fn new(
-        host: impl Into<String>,
-        port: u16,
-        user: impl Into<String>,
-        dbname: impl Into<String>,
-    ) -> Self {
+    pub fn new(host: impl Into<String>, port: u16, user: impl Into<String>, dbname: impl Into<String>) -> Self {
         ReplicationConfig {
             host: host.into(),
             port,
@@ -236,11 +229,7 @@ pub enum ReplicationError {
         source: io::Error,
     },
     #[error("connecting to {host}:{port} did not complete within {after:?}")]
-    ConnectTimeout {
-        host: String,
-        port: u16,
-        after: Duration,
-    },
+    ConnectTimeout { host: String, port: u16, after: Duration },
     #[error("I/O error while {context}: {source}")]
     Io {
         context: &'static str,
@@ -374,11 +363,7 @@ enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -387,11 +372,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -450,9 +431,7 @@ impl ReplicationConnection {
         let stream = match open_stream(config).await {
             // libpq's `prefer` also retries in plaintext when the TLS
             // handshake itself fails.
-            Err(ReplicationError::TlsHandshake { host, source })
-                if config.ssl_mode == SslMode::Prefer =>
-            {
+            Err(ReplicationError::TlsHandshake { host, source }) if config.ssl_mode == SslMode::Prefer => {
                 tracing::debug!(%host, error = %source, "TLS handshake failed, retrying without TLS (sslmode=prefer)");
                 Stream::Plain(tcp_connect(config).await?)
             }
@@ -490,9 +469,7 @@ impl ReplicationConnection {
         self.authenticate(config).await?;
 
         loop {
-            let (tag, body) = self
-                .read_frame("waiting for the server to be ready")
-                .await?;
+            let (tag, body) = self.read_frame("waiting for the server to be ready").await?;
             match tag {
                 b'S' => {
                     let mut fields = body.split(|&b| b == 0);
@@ -502,8 +479,7 @@ impl ReplicationConnection {
                 }
                 b'K' => {
                     if body.len() >= 4 {
-                        self.backend_pid =
-                            Some(i32::from_be_bytes([body[0], body[1], body[2], body[3]]));
+                        self.backend_pid = Some(i32::from_be_bytes([body[0], body[1], body[2], body[3]]));
                     }
                 }
                 b'N' => log_notice(&body),
@@ -538,9 +514,7 @@ impl ReplicationConnection {
                     // A server that skips SCRAM's final message would also
                     // skip proving it knows the password; refuse that.
                     if scram.is_some() && !scram_verified {
-                        return Err(auth_protocol(
-                            "server ended SCRAM without its final message",
-                        ));
+                        return Err(auth_protocol("server ended SCRAM without its final message"));
                     }
                     return Ok(());
                 }
@@ -560,15 +534,9 @@ impl ReplicationConnection {
                         .map_err(|e| invalid_argument("password", e))?;
                 }
                 10 => {
-                    let offered = body
-                        .split(|&b| b == 0)
-                        .any(|m| m == SCRAM_SHA_256.as_bytes());
+                    let offered = body.split(|&b| b == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
                     if !offered {
-                        let list: Vec<String> = body
-                            .split(|&b| b == 0)
-                            .filter(|m| !m.is_empty())
-                            .map(lossy)
-                            .collect();
+                        let list: Vec<String> = body.split(|&b| b == 0).filter(|m| !m.is_empty()).map(lossy).collect();
                         return Err(ReplicationError::UnsupportedAuth {
                             method: format!("SASL ({})", list.join(", ")),
                         });
@@ -576,8 +544,7 @@ impl ReplicationConnection {
                     let password = password(config, "SCRAM-SHA-256")?;
                     // Channel binding is not offered; plain SCRAM-SHA-256 is
                     // what servers accept unless configured to insist.
-                    let state =
-                        ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    let state = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
                     frontend::sasl_initial_response(SCRAM_SHA_256, state.message(), &mut self.wbuf)
                         .map_err(|e| invalid_argument("SCRAM message", e))?;
                     scram = Some(state);
@@ -617,10 +584,7 @@ impl ReplicationConnection {
     /// A run-time parameter the server reported at startup
     /// (`server_version`, `integer_datetimes`, ...).
     pub fn parameter(&self, name: &str) -> Option<&str> {
-        self.parameters
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.parameters.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     /// Process id of our walsender, as in `pg_replication_slots.active_pid`.
@@ -664,10 +628,7 @@ impl ReplicationConnection {
     pub async fn identify_system(&mut self) -> Result<SystemIdentification> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
         let [row] = rows.as_slice() else {
-            return Err(protocol(format!(
-                "IDENTIFY_SYSTEM returned {} rows",
-                rows.len()
-            )));
+            return Err(protocol(format!("IDENTIFY_SYSTEM returned {} rows", rows.len())));
         };
         let field = |i: usize, name: &str| -> Result<&str> {
             row.get(i)
@@ -704,10 +665,7 @@ impl ReplicationConnection {
         start: Lsn,
         options: &[(&str, &str)],
     ) -> Result<ReplicationStream> {
-        let mut sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start}",
-            quote_identifier(slot)?
-        );
+        let mut sql = format!("START_REPLICATION SLOT {} LOGICAL {start}", quote_identifier(slot)?);
         if !options.is_empty() {
             let rendered = options
                 .iter()
@@ -718,8 +676,7 @@ impl ReplicationConnection {
             sql.push(')');
         }
         self.wbuf.clear();
-        frontend::query(&sql, &mut self.wbuf)
-            .map_err(|e| invalid_argument("START_REPLICATION", e))?;
+        frontend::query(&sql, &mut self.wbuf).map_err(|e| invalid_argument("START_REPLICATION", e))?;
         self.flush_wbuf("sending START_REPLICATION").await?;
         loop {
             let (tag, body) = self.read_frame("starting replication").await?;
@@ -741,10 +698,7 @@ impl ReplicationConnection {
                 buf: self.rbuf,
                 done: false,
             },
-            writer: ReplicationWriter {
-                io: wr,
-                buf: self.wbuf,
-            },
+            writer: ReplicationWriter { io: wr, buf: self.wbuf },
         })
     }
 
@@ -823,16 +777,8 @@ impl ReplicationStream {
     }
 
     /// See [`ReplicationWriter::send_status`].
-    pub async fn send_status(
-        &mut self,
-        write: Lsn,
-        flush: Lsn,
-        apply: Lsn,
-        reply_requested: bool,
-    ) -> Result<()> {
-        self.writer
-            .send_status(write, flush, apply, reply_requested)
-            .await
+    pub async fn send_status(&mut self, write: Lsn, flush: Lsn, apply: Lsn, reply_requested: bool) -> Result<()> {
+        self.writer.send_status(write, flush, apply, reply_requested).await
     }
 }
 
@@ -896,22 +842,9 @@ impl ReplicationWriter {
     ///
     /// Not cancel-safe: dropping the future halfway can leave a partial
     /// message on the wire, after which the connection must be discarded.
-    pub async fn send_status(
-        &mut self,
-        write: Lsn,
-        flush: Lsn,
-        apply: Lsn,
-        reply_requested: bool,
-    ) -> Result<()> {
+    pub async fn send_status(&mut self, write: Lsn, flush: Lsn, apply: Lsn, reply_requested: bool) -> Result<()> {
         self.buf.clear();
-        encode_status(
-            &mut self.buf,
-            write,
-            flush,
-            apply,
-            PgTimestamp::now(),
-            reply_requested,
-        );
+        encode_status(&mut self.buf, write, flush, apply, PgTimestamp::now(), reply_requested);
         self.flush_buf("sending a standby status update").await
     }
 
@@ -936,14 +869,7 @@ impl ReplicationWriter {
 }
 
 /// StandbyStatusUpdate inside a CopyData message.
-fn encode_status(
-    buf: &mut BytesMut,
-    write: Lsn,
-    flush: Lsn,
-    apply: Lsn,
-    now: PgTimestamp,
-    reply_requested: bool,
-) {
+fn encode_status(buf: &mut BytesMut, write: Lsn, flush: Lsn, apply: Lsn, now: PgTimestamp, reply_requested: bool) {
     buf.put_u8(b'd');
     buf.put_i32(4 + 1 + 8 + 8 + 8 + 8 + 1);
     buf.put_u8(b'r');
@@ -1001,12 +927,10 @@ async fn tcp_connect(config: &ReplicationConfig) -> Result<TcpStream> {
         })?;
     // Status updates are tiny and latency-sensitive; do not let Nagle hold
     // them back.
-    stream
-        .set_nodelay(true)
-        .map_err(|source| ReplicationError::Io {
-            context: "setting TCP_NODELAY",
-            source,
-        })?;
+    stream.set_nodelay(true).map_err(|source| ReplicationError::Io {
+        context: "setting TCP_NODELAY",
+        source,
+    })?;
     Ok(stream)
 }
 
@@ -1033,20 +957,15 @@ async fn open_stream(config: &ReplicationConfig) -> Result<Stream> {
         b'S' => {}
         b'N' if config.ssl_mode == SslMode::Prefer => return Ok(Stream::Plain(tcp)),
         b'N' => {
-            return Err(ReplicationError::TlsUnsupported {
-                mode: config.ssl_mode,
-            });
+            return Err(ReplicationError::TlsUnsupported { mode: config.ssl_mode });
         }
         other => {
-            return Err(protocol(format!(
-                "unexpected answer {other:#04x} to the TLS request"
-            )));
+            return Err(protocol(format!("unexpected answer {other:#04x} to the TLS request")));
         }
     }
-    let server_name =
-        ServerName::try_from(config.host.clone()).map_err(|e| ReplicationError::TlsConfig {
-            reason: format!("host {:?} is not a valid TLS server name: {e}", config.host),
-        })?;
+    let server_name = ServerName::try_from(config.host.clone()).map_err(|e| ReplicationError::TlsConfig {
+        reason: format!("host {:?} is not a valid TLS server name: {e}", config.host),
+    })?;
     let tls = connector
         .connect(server_name, tcp)
         .await
@@ -1085,9 +1004,7 @@ fn tls_connector(config: &ReplicationConfig) -> Result<tokio_rustls::TlsConnecto
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(EncryptOnlyVerifier(provider)))
     };
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(
-        client.with_no_client_auth(),
-    )))
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(client.with_no_client_auth())))
 }
 
 fn root_store(config: &ReplicationConfig) -> Result<rustls::RootCertStore> {
@@ -1095,8 +1012,7 @@ fn root_store(config: &ReplicationConfig) -> Result<rustls::RootCertStore> {
     let mut store = rustls::RootCertStore::empty();
     match &config.ssl_root_cert {
         Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| tls_err(format!("reading {}: {e}", path.display())))?;
+            let pem = std::fs::read(path).map_err(|e| tls_err(format!("reading {}: {e}", path.display())))?;
             for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| tls_err(format!("parsing {}: {e}", path.display())))?;
                 store
@@ -1145,12 +1061,7 @@ impl ServerCertVerifier for EncryptOnlyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -1159,12 +1070,7 @@ impl ServerCertVerifier for EncryptOnlyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -1222,11 +1128,7 @@ impl ServerCertVerifier for ChainOnlyVerifier {
 }
 
 /// Reads more bytes into `buf`, in large chunks.
-async fn fill<R: AsyncRead + Unpin>(
-    io: &mut R,
-    buf: &mut BytesMut,
-    context: &'static str,
-) -> Result<()> {
+async fn fill<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut, context: &'static str) -> Result<()> {
     if buf.capacity() - buf.len() < READ_CHUNK / 2 {
         buf.reserve(READ_CHUNK);
     }
@@ -1324,8 +1226,7 @@ fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>> {
             return Err(protocol("truncated DataRow value"));
         }
         let value = body.split_to(len);
-        let text = String::from_utf8(value.to_vec())
-            .map_err(|_| protocol("DataRow value is not UTF-8"))?;
+        let text = String::from_utf8(value.to_vec()).map_err(|_| protocol("DataRow value is not UTF-8"))?;
         values.push(Some(text));
     }
     Ok(values)
@@ -1396,15 +1297,11 @@ fn password<'a>(config: &'a ReplicationConfig, method: &'static str) -> Result<&
 }
 
 fn protocol(reason: impl Into<String>) -> ReplicationError {
-    ReplicationError::Protocol {
-        reason: reason.into(),
-    }
+    ReplicationError::Protocol { reason: reason.into() }
 }
 
 fn auth_protocol(reason: impl Into<String>) -> ReplicationError {
-    ReplicationError::AuthProtocol {
-        reason: reason.into(),
-    }
+    ReplicationError::AuthProtocol { reason: reason.into() }
 }
 
 fn unsupported_auth(method: &str) -> ReplicationError {
@@ -1414,14 +1311,8 @@ fn unsupported_auth(method: &str) -> ReplicationError {
 }
 
 fn unexpected(tag: u8, context: &str) -> ReplicationError {
-    let shown = if tag.is_ascii_graphic() {
-        tag as char
-    } else {
-        '?'
-    };
-    protocol(format!(
-        "unexpected message {tag:#04x} ({shown}) while {context}"
-    ))
+    let shown = if tag.is_ascii_graphic() { tag as char } else { '?' };
+    protocol(format!("unexpected message {tag:#04x} ({shown}) while {context}"))
 }
 
 fn invalid_argument(what: &str, e: io::Error) -> ReplicationError {
@@ -1462,10 +1353,7 @@ mod tests {
         let mut buf = BytesMut::from(&[b'd', 0, 0, 0, 3][..]);
         assert_eq!(try_frame(&mut buf).unwrap_err().category(), "Protocol");
         let mut buf = BytesMut::from(&[b'd', 0x7f, 0xff, 0xff, 0xff][..]);
-        assert_eq!(
-            try_frame(&mut buf).unwrap_err().category(),
-            "MessageTooLarge"
-        );
+        assert_eq!(try_frame(&mut buf).unwrap_err().category(), "MessageTooLarge");
     }
 
     #[test]
@@ -1530,10 +1418,7 @@ mod tests {
         assert!(!later.is_slot_missing());
         assert_eq!(later.category(), "ServerError");
 
-        let auth = server_error(
-            b"SFATAL\0C28P01\0Mpassword authentication failed\0\0",
-            Phase::Startup,
-        );
+        let auth = server_error(b"SFATAL\0C28P01\0Mpassword authentication failed\0\0", Phase::Startup);
         assert!(auth.is_auth_failed());
         assert_eq!(auth.category(), "AuthFailed");
         // Missing or garbled fields never panic.
@@ -1547,18 +1432,9 @@ mod tests {
         assert_eq!(quote_identifier("a\"b").unwrap(), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's").unwrap(), "'it''s'");
         assert_eq!(quote_literal(r"a\b").unwrap(), r"'a\b'");
-        assert_eq!(
-            publication_names(&["pub", "My,Pub"]).unwrap(),
-            "\"pub\",\"My,Pub\""
-        );
-        assert_eq!(
-            quote_identifier("a\0b").unwrap_err().category(),
-            "InvalidArgument"
-        );
-        assert_eq!(
-            publication_names(&[]).unwrap_err().category(),
-            "InvalidArgument"
-        );
+        assert_eq!(publication_names(&["pub", "My,Pub"]).unwrap(), "\"pub\",\"My,Pub\"");
+        assert_eq!(quote_identifier("a\0b").unwrap_err().category(), "InvalidArgument");
+        assert_eq!(publication_names(&[]).unwrap_err().category(), "InvalidArgument");
     }
 
     #[test]

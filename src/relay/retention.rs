@@ -11,8 +11,8 @@ use tracing::warn;
 
 use super::config::RelayConfig;
 use crate::metrics::RelayMetrics;
-use crate::postgres::ident::quote_ident;
 use crate::postgres::error::query_error;
+use crate::postgres::ident::quote_ident;
 use crate::postgres::{PgError, connect};
 
 /// Ids per DELETE statement.

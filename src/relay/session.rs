@@ -28,7 +28,9 @@ use super::config::RelayConfig;
 use super::lsn::Lsn;
 use super::mapping::{Mapper, MappingError, OutboxRecord};
 use super::pgoutput::{self, PgOutputError, PgOutputMessage, PgTimestamp, TupleData};
-use super::replication::{ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationReader, ReplicationWriter};
+use super::replication::{
+    ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationReader, ReplicationWriter,
+};
 use super::state::{Phase, RelayState};
 use crate::api::PoisonPolicy;
 use crate::kafka::{self, BrokerHealth, DeliveryErrorKind, DeliveryReport, FailedRecord, RelayProducerContext};
@@ -53,7 +55,9 @@ pub enum RelayError {
     Mapping(MappingError),
     #[error("creating the Kafka producer: {0}")]
     Producer(KafkaError),
-    #[error("event {event_id} cannot be delivered ({kind}): {reason}; the relay stops here (poisonPolicy Stop) and retries, nothing after it is confirmed")]
+    #[error(
+        "event {event_id} cannot be delivered ({kind}): {reason}; the relay stops here (poisonPolicy Stop) and retries, nothing after it is confirmed"
+    )]
     Poison {
         event_id: String,
         kind: &'static str,
@@ -130,7 +134,11 @@ pub async fn run(
     let publication = super::replication::publication_names(&[cfg.publication.as_str()])?;
     // Lsn::ZERO: resume from the slot's confirmed position, wherever that is.
     let stream = conn
-        .start_logical(&cfg.slot, Lsn::ZERO, &[("proto_version", "1"), ("publication_names", &publication)])
+        .start_logical(
+            &cfg.slot,
+            Lsn::ZERO,
+            &[("proto_version", "1"), ("publication_names", &publication)],
+        )
         .await?;
     let (reader, writer) = stream.split();
 
@@ -181,8 +189,7 @@ pub async fn run(
     metrics.in_flight.set(0);
     // Records still queued belong to unconfirmed transactions that the next
     // session sends again; dropping them now only avoids needless duplicates.
-    s.producer
-        .purge(rdkafka::producer::PurgeConfig::default().queue());
+    s.producer.purge(rdkafka::producer::PurgeConfig::default().queue());
     result
 }
 
@@ -278,7 +285,9 @@ impl Session<'_> {
 
     async fn send_status(&mut self, writer: &mut ReplicationWriter) -> Result<(), RelayError> {
         let flush = self.cp.confirmed();
-        writer.send_status(self.received.max(flush), flush, flush, false).await?;
+        writer
+            .send_status(self.received.max(flush), flush, flush, false)
+            .await?;
         if flush > self.sent {
             debug!(%flush, "confirmed");
             self.sent = flush;
@@ -296,17 +305,16 @@ impl Session<'_> {
                     ids: Vec::new(),
                 }));
             }
-            PgOutputMessage::Relation(r) => {
-                if r.namespace == self.cfg.table.schema && r.name == self.cfg.table.name {
-                    self.mapper = Some(
-                        Mapper::new(&r, &self.cfg.columns, &self.cfg.destination).map_err(RelayError::Mapping)?,
-                    );
-                    self.outbox_relation = Some(r.id);
-                    self.outbox_columns = r.columns.iter().map(|c| c.name.clone()).collect();
-                }
+            PgOutputMessage::Relation(r) if r.namespace == self.cfg.table.schema && r.name == self.cfg.table.name => {
+                self.mapper =
+                    Some(Mapper::new(&r, &self.cfg.columns, &self.cfg.destination).map_err(RelayError::Mapping)?);
+                self.outbox_relation = Some(r.id);
+                self.outbox_columns = r.columns.iter().map(|c| c.name.clone()).collect();
             }
             PgOutputMessage::Insert(i) if Some(i.relation_id) == self.outbox_relation => {
-                let txn = self.current.ok_or(RelayError::Protocol("insert outside a transaction"))?;
+                let txn = self
+                    .current
+                    .ok_or(RelayError::Protocol("insert outside a transaction"))?;
                 let mapper = self
                     .mapper
                     .as_mut()
@@ -332,7 +340,10 @@ impl Session<'_> {
                 }
             }
             PgOutputMessage::Commit(c) => {
-                let txn = self.current.take().ok_or(RelayError::Protocol("commit without begin"))?;
+                let txn = self
+                    .current
+                    .take()
+                    .ok_or(RelayError::Protocol("commit without begin"))?;
                 let done = self.cp.commit(txn, c.end_lsn);
                 self.on_confirmed(done);
             }
@@ -349,7 +360,8 @@ impl Session<'_> {
         for (name, v) in self.outbox_columns.iter().zip(&row.columns) {
             obj.insert(
                 name.clone(),
-                v.as_str().map_or(serde_json::Value::Null, |s| serde_json::Value::String(s.into())),
+                v.as_str()
+                    .map_or(serde_json::Value::Null, |s| serde_json::Value::String(s.into())),
             );
         }
         let id = obj
@@ -373,7 +385,14 @@ impl Session<'_> {
                 r.size(),
                 self.cfg.max_message_bytes
             );
-            return self.refuse(txn, failed_record(r), r.event_id_str(), "MessageTooLarge", reason, false);
+            return self.refuse(
+                txn,
+                failed_record(r),
+                r.event_id_str(),
+                "MessageTooLarge",
+                reason,
+                false,
+            );
         }
         let mut h = OwnedHeaders::new_with_capacity(2 + r.extra_headers.len());
         if let Some(id) = &r.event_id {
@@ -419,7 +438,14 @@ impl Session<'_> {
                 Err((e, _)) => {
                     let kind = DeliveryErrorKind::classify(&e);
                     if kind.is_poison() {
-                        return self.refuse(txn, failed_record(r), r.event_id_str(), kind.category(), e.to_string(), false);
+                        return self.refuse(
+                            txn,
+                            failed_record(r),
+                            r.event_id_str(),
+                            kind.category(),
+                            e.to_string(),
+                            false,
+                        );
                     }
                     return Err(RelayError::Delivery(e.to_string()));
                 }
@@ -448,7 +474,9 @@ impl Session<'_> {
             // row can be found in the table (or the WAL) again.
             record.payload = None;
         }
-        record.headers.push((headers::ERROR_KIND.into(), kind.as_bytes().to_vec()));
+        record
+            .headers
+            .push((headers::ERROR_KIND.into(), kind.as_bytes().to_vec()));
         record.headers.push((headers::ERROR_REASON.into(), reason.into_bytes()));
         record
             .headers

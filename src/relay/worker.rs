@@ -132,4 +132,3 @@ pub async fn shutdown_on_signal(tx: watch::Sender<bool>) {
     info!("shutting down");
     let _ = tx.send(true);
 }
-

@@ -174,7 +174,8 @@ impl Fixture {
         per_aggregate: usize,
         per_txn: usize,
     ) -> Vec<String> {
-        self.insert_events_from(client, aggregates, per_aggregate, per_txn, 1).await
+        self.insert_events_from(client, aggregates, per_aggregate, per_txn, 1)
+            .await
     }
 
     /// [`Self::insert_events`] with each aggregate's numbering starting at `first_seq`,
@@ -248,7 +249,8 @@ pub struct Consumed {
 
 impl Consumed {
     pub fn seq(&self) -> i64 {
-        let v: serde_json::Value = serde_json::from_slice(self.payload.as_deref().unwrap_or(b"null")).unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_slice(self.payload.as_deref().unwrap_or(b"null")).unwrap_or_default();
         v.get("seq").and_then(|s| s.as_i64()).unwrap_or(-1)
     }
 }
@@ -256,7 +258,13 @@ impl Consumed {
 /// Reads `topic` from the beginning until every id in `expect` was seen (or
 /// `timeout`), then for `settle` more to catch extra records. Blocking: call it
 /// through `spawn_blocking` when a worker runs in the same runtime.
-pub fn consume(bootstrap: &str, topic: &str, expect: &HashSet<String>, timeout: Duration, settle: Duration) -> Vec<Consumed> {
+pub fn consume(
+    bootstrap: &str,
+    topic: &str,
+    expect: &HashSet<String>,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique_name("reader"))
@@ -271,7 +279,8 @@ pub fn consume(bootstrap: &str, topic: &str, expect: &HashSet<String>, timeout: 
     assert!(partitions > 0, "topic {topic} has no partitions");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, Offset::Beginning).expect("tpl");
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .expect("tpl");
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
@@ -318,7 +327,13 @@ pub fn consume(bootstrap: &str, topic: &str, expect: &HashSet<String>, timeout: 
     out
 }
 
-pub async fn consume_async(bootstrap: &str, topic: &str, expect: &HashSet<String>, timeout: Duration, settle: Duration) -> Vec<Consumed> {
+pub async fn consume_async(
+    bootstrap: &str,
+    topic: &str,
+    expect: &HashSet<String>,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Consumed> {
     let (b, t, e) = (bootstrap.to_string(), topic.to_string(), expect.clone());
     tokio::task::spawn_blocking(move || consume(&b, &t, &e, timeout, settle))
         .await
@@ -360,7 +375,11 @@ pub fn check_per_key_order(records: &[Consumed]) -> Result<(), String> {
         for r in recs {
             let s = r.seq();
             if s > max + 1 {
-                return Err(format!("key {key}: seq {s} at offset {} arrived before seq {}", r.offset, max + 1));
+                return Err(format!(
+                    "key {key}: seq {s} at offset {} arrived before seq {}",
+                    r.offset,
+                    max + 1
+                ));
             }
             max = max.max(s);
         }
@@ -379,7 +398,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
