@@ -1,0 +1,245 @@
+//! The CRD installs into a real kube-apiserver, good resources are accepted and
+//! listed by `kubectl get outboxrelays` with their printer columns, and bad ones
+//! are refused by the API server itself with a message that names the field.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt, Resource};
+use outbox_operator::api::OutboxRelay;
+use outbox_testbed::{shared, unique_name};
+use serde_json::{Value, json};
+
+async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = OutboxRelay::crd();
+    let name = crd.metadata.name.clone().expect("crd name");
+    // Server-side apply: idempotent when several tests of this binary race to install.
+    crds.patch(&name, &PatchParams::apply("outbox-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("apply CRD");
+    for _ in 0..100 {
+        let c = crds.get(&name).await.expect("get CRD");
+        let established = c
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("CRD {name} never became Established");
+}
+
+async fn namespace(client: &Client) -> String {
+    let ns = unique_name("api");
+    let api: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
+    api.create(&PostParams::default(), &obj).await.expect("create namespace");
+    ns
+}
+
+fn valid(name: &str) -> Value {
+    json!({
+        "apiVersion": "outbox.dev/v1alpha1",
+        "kind": "OutboxRelay",
+        "metadata": {"name": name},
+        "spec": {
+            "database": {"host": "orders-db", "database": "orders", "credentialsSecretRef": {"name": "orders-db"}},
+            "outbox": {"table": "public.outbox"},
+            "kafka": {"bootstrapServers": "kafka:9092", "topic": "orders.events"}
+        }
+    })
+}
+
+fn dynamic_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let ar = ApiResource::erase::<OutboxRelay>(&());
+    Api::namespaced_with(client.clone(), ns, &ar)
+}
+
+async fn create(api: &Api<DynamicObject>, obj: Value) -> Result<DynamicObject, kube::Error> {
+    let obj: DynamicObject = serde_json::from_value(obj).expect("object");
+    api.create(&PostParams::default(), &obj).await
+}
+
+/// Sets `path` (dot-separated, under the object) to `value`; `Value::Null` removes it.
+fn with(mut obj: Value, path: &str, value: Value) -> Value {
+    let mut cur = &mut obj;
+    let parts: Vec<&str> = path.split('.').collect();
+    for p in &parts[..parts.len() - 1] {
+        cur = cur
+            .as_object_mut()
+            .expect("object")
+            .entry(p.to_string())
+            .or_insert_with(|| json!({}));
+    }
+    let last = parts[parts.len() - 1];
+    let map = cur.as_object_mut().expect("object");
+    if value.is_null() {
+        map.remove(last);
+    } else {
+        map.insert(last.to_string(), value);
+    }
+    obj
+}
+
+#[tokio::test]
+async fn valid_resource_is_accepted_and_listed_with_printer_columns() {
+    let bed = shared().await;
+    let client = bed.kube.client().await.expect("client");
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let api = dynamic_api(&client, &ns);
+    let created = create(&api, valid("orders")).await.expect("valid resource accepted");
+
+    // Defaults are filled in by the API server from the schema.
+    let spec = &created.data["spec"];
+    assert_eq!(spec["database"]["port"], json!(5432));
+    assert_eq!(spec["cleanupPolicy"], json!("Delete"));
+    assert_eq!(spec["outbox"]["columns"]["aggregateId"], json!("aggregateid"));
+    assert_eq!(spec["kafka"]["producer"]["compression"], json!("lz4"));
+
+    // Status as the operator writes it, so the columns have something to show.
+    let typed: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    let status = json!({
+        "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
+        "status": {
+            "destination": "orders.events",
+            "slot": {"name": "outbox_api_orders", "active": true, "lagBytes": 4096},
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "Relaying", "message": "events flow",
+                "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1
+            }]
+        }
+    });
+    typed
+        .patch_status("orders", &PatchParams::apply("outbox-tests").force(), &Patch::Apply(&status))
+        .await
+        .expect("status patch");
+
+    let out = bed
+        .kube
+        .kubectl()
+        .args(["get", "outboxrelays", "-n", &ns])
+        .output()
+        .expect("kubectl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "kubectl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "READY", "TABLE", "TOPIC", "LAG", "AGE"], "{text}");
+    let row: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(&row[..5], ["orders", "True", "public.outbox", "orders.events", "4096"], "{text}");
+
+    // Short name and the wide view with the extra columns.
+    let wide = bed
+        .kube
+        .kubectl()
+        .args(["get", "obr", "-n", &ns, "-o", "wide"])
+        .output()
+        .expect("kubectl");
+    let wide = String::from_utf8_lossy(&wide.stdout);
+    assert!(wide.contains("REASON") && wide.contains("Relaying") && wide.contains("outbox_api_orders"), "{wide}");
+}
+
+/// Each case: what to change in a valid resource, and what the refusal must say.
+fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
+    let v = || valid("bad");
+    vec![
+        ("missing host", with(v(), "spec.database.host", Value::Null), "spec.database.host: Required value"),
+        ("port out of range", with(v(), "spec.database.port", json!(70000)), "spec.database.port"),
+        ("unknown cleanup policy", with(v(), "spec.cleanupPolicy", json!("Destroy")), "spec.cleanupPolicy: Unsupported value"),
+        ("table without schema", with(v(), "spec.outbox.table", json!("outbox")), "spec.outbox.table"),
+        (
+            "topic and routeBy together",
+            with(v(), "spec.kafka.routeBy", json!({"column": "aggregatetype"})),
+            "set exactly one of topic and routeBy",
+        ),
+        ("neither topic nor routeBy", with(v(), "spec.kafka.topic", Value::Null), "set exactly one of topic and routeBy"),
+        (
+            "template without placeholder",
+            with(with(v(), "spec.kafka.topic", Value::Null), "spec.kafka.routeBy", json!({"topicTemplate": "events"})),
+            "spec.kafka.routeBy.topicTemplate",
+        ),
+        ("invalid topic name", with(v(), "spec.kafka.topic", json!("orders/events")), "spec.kafka.topic"),
+        ("slot name with capitals", with(v(), "spec.replication.slotName", json!("Orders-Slot")), "spec.replication.slotName"),
+        (
+            "warning lag above critical",
+            with(v(), "spec.replication.lag", json!({"warningBytes": 10, "criticalBytes": 5})),
+            "spec.replication.lag.warningBytes",
+        ),
+        (
+            "SASL without credentials",
+            with(v(), "spec.kafka.security", json!({"protocol": "SaslSsl", "saslMechanism": "SCRAM-SHA-512"})),
+            "spec.kafka.security.credentialsSecretRef",
+        ),
+        (
+            "producer config weakening acks",
+            with(v(), "spec.kafka.producer.config", json!({"acks": "1"})),
+            "spec.kafka.producer.config",
+        ),
+        ("tiny max message size", with(v(), "spec.kafka.producer.maxMessageBytes", json!(10)), "spec.kafka.producer.maxMessageBytes"),
+        ("three replicas", with(v(), "spec.worker.replicas", json!(3)), "spec.worker.replicas"),
+        (
+            "dead letter without topic",
+            with(v(), "spec.delivery.poisonPolicy", json!("DeadLetter")),
+            "spec.delivery.deadLetterTopic",
+        ),
+        (
+            "verify-full without CA",
+            with(v(), "spec.database.tls", json!({"mode": "VerifyFull"})),
+            "spec.database.tls.caSecretRef",
+        ),
+        ("unknown compression", with(v(), "spec.kafka.producer.compression", json!("brotli")), "spec.kafka.producer.compression"),
+    ]
+}
+
+#[tokio::test]
+async fn invalid_resources_are_refused_naming_the_field() {
+    let bed = shared().await;
+    let client = bed.kube.client().await.expect("client");
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let api = dynamic_api(&client, &ns);
+    let cases = invalid_cases();
+    assert!(cases.len() >= 8);
+    let mut failures = Vec::new();
+    for (i, (what, obj, expect)) in cases.into_iter().enumerate() {
+        let obj = with(obj, "metadata.name", json!(format!("bad-{i}")));
+        match create(&api, obj).await {
+            Ok(_) => failures.push(format!("{what}: accepted")),
+            Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains(expect) => {}
+            Err(e) => failures.push(format!("{what}: expected 422 mentioning {expect:?}, got {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn slot_name_cannot_change_after_creation() {
+    let bed = shared().await;
+    let client = bed.kube.client().await.expect("client");
+    install_crd(&client).await;
+    let ns = namespace(&client).await;
+    let api = dynamic_api(&client, &ns);
+    create(&api, with(valid("pinned"), "spec.replication.slotName", json!("pinned_slot")))
+        .await
+        .expect("create");
+    let patch = json!({"spec": {"replication": {"slotName": "other_slot"}}});
+    let err = api
+        .patch("pinned", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect_err("slot rename must be refused");
+    assert!(err.to_string().contains("slotName is immutable"), "{err}");
+    // Other fields stay editable.
+    let ok = json!({"spec": {"kafka": {"producer": {"lingerMs": 20}}}});
+    api.patch("pinned", &PatchParams::default(), &Patch::Merge(&ok))
+        .await
+        .expect("other edits allowed");
+    assert_eq!(OutboxRelay::kind(&()), "OutboxRelay");
+}
