@@ -40,7 +40,9 @@ async fn namespace(client: &Client) -> String {
     let ns = unique_name("api");
     let api: Api<Namespace> = Api::all(client.clone());
     let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
-    api.create(&PostParams::default(), &obj).await.expect("create namespace");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("create namespace");
     ns
 }
 
@@ -118,7 +120,11 @@ async fn valid_resource_is_accepted_and_listed_with_printer_columns() {
         }
     });
     typed
-        .patch_status("orders", &PatchParams::apply("outbox-tests").force(), &Patch::Apply(&status))
+        .patch_status(
+            "orders",
+            &PatchParams::apply("outbox-tests").force(),
+            &Patch::Apply(&status),
+        )
         .await
         .expect("status patch");
 
@@ -129,12 +135,20 @@ async fn valid_resource_is_accepted_and_listed_with_printer_columns() {
         .output()
         .expect("kubectl");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "kubectl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
     assert_eq!(header, ["NAME", "READY", "TABLE", "TOPIC", "LAG", "AGE"], "{text}");
     let row: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(&row[..5], ["orders", "True", "public.outbox", "orders.events", "4096"], "{text}");
+    assert_eq!(
+        &row[..5],
+        ["orders", "True", "public.outbox", "orders.events", "4096"],
+        "{text}"
+    );
 
     // Short name and the wide view with the extra columns.
     let wide = bed
@@ -144,38 +158,81 @@ async fn valid_resource_is_accepted_and_listed_with_printer_columns() {
         .output()
         .expect("kubectl");
     let wide = String::from_utf8_lossy(&wide.stdout);
-    assert!(wide.contains("REASON") && wide.contains("Relaying") && wide.contains("outbox_api_orders"), "{wide}");
+    assert!(
+        wide.contains("REASON") && wide.contains("Relaying") && wide.contains("outbox_api_orders"),
+        "{wide}"
+    );
 }
 
 /// Each case: what to change in a valid resource, and what the refusal must say.
 fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
     let v = || valid("bad");
     vec![
-        ("missing host", with(v(), "spec.database.host", Value::Null), "spec.database.host: Required value"),
-        ("port out of range", with(v(), "spec.database.port", json!(70000)), "spec.database.port"),
-        ("unknown cleanup policy", with(v(), "spec.cleanupPolicy", json!("Destroy")), "spec.cleanupPolicy: Unsupported value"),
-        ("table without schema", with(v(), "spec.outbox.table", json!("outbox")), "spec.outbox.table"),
+        (
+            "missing host",
+            with(v(), "spec.database.host", Value::Null),
+            "spec.database.host: Required value",
+        ),
+        (
+            "port out of range",
+            with(v(), "spec.database.port", json!(70000)),
+            "spec.database.port",
+        ),
+        (
+            "unknown cleanup policy",
+            with(v(), "spec.cleanupPolicy", json!("Destroy")),
+            "spec.cleanupPolicy: Unsupported value",
+        ),
+        (
+            "table without schema",
+            with(v(), "spec.outbox.table", json!("outbox")),
+            "spec.outbox.table",
+        ),
         (
             "topic and routeBy together",
             with(v(), "spec.kafka.routeBy", json!({"column": "aggregatetype"})),
             "set exactly one of topic and routeBy",
         ),
-        ("neither topic nor routeBy", with(v(), "spec.kafka.topic", Value::Null), "set exactly one of topic and routeBy"),
+        (
+            "neither topic nor routeBy",
+            with(v(), "spec.kafka.topic", Value::Null),
+            "set exactly one of topic and routeBy",
+        ),
         (
             "template without placeholder",
-            with(with(v(), "spec.kafka.topic", Value::Null), "spec.kafka.routeBy", json!({"topicTemplate": "events"})),
+            with(
+                with(v(), "spec.kafka.topic", Value::Null),
+                "spec.kafka.routeBy",
+                json!({"topicTemplate": "events"}),
+            ),
             "spec.kafka.routeBy.topicTemplate",
         ),
-        ("invalid topic name", with(v(), "spec.kafka.topic", json!("orders/events")), "spec.kafka.topic"),
-        ("slot name with capitals", with(v(), "spec.replication.slotName", json!("Orders-Slot")), "spec.replication.slotName"),
+        (
+            "invalid topic name",
+            with(v(), "spec.kafka.topic", json!("orders/events")),
+            "spec.kafka.topic",
+        ),
+        (
+            "slot name with capitals",
+            with(v(), "spec.replication.slotName", json!("Orders-Slot")),
+            "spec.replication.slotName",
+        ),
         (
             "warning lag above critical",
-            with(v(), "spec.replication.lag", json!({"warningBytes": 10, "criticalBytes": 5})),
+            with(
+                v(),
+                "spec.replication.lag",
+                json!({"warningBytes": 10, "criticalBytes": 5}),
+            ),
             "spec.replication.lag.warningBytes",
         ),
         (
             "SASL without credentials",
-            with(v(), "spec.kafka.security", json!({"protocol": "SaslSsl", "saslMechanism": "SCRAM-SHA-512"})),
+            with(
+                v(),
+                "spec.kafka.security",
+                json!({"protocol": "SaslSsl", "saslMechanism": "SCRAM-SHA-512"}),
+            ),
             "spec.kafka.security.credentialsSecretRef",
         ),
         (
@@ -183,8 +240,16 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
             with(v(), "spec.kafka.producer.config", json!({"acks": "1"})),
             "spec.kafka.producer.config",
         ),
-        ("tiny max message size", with(v(), "spec.kafka.producer.maxMessageBytes", json!(10)), "spec.kafka.producer.maxMessageBytes"),
-        ("three replicas", with(v(), "spec.worker.replicas", json!(3)), "spec.worker.replicas"),
+        (
+            "tiny max message size",
+            with(v(), "spec.kafka.producer.maxMessageBytes", json!(10)),
+            "spec.kafka.producer.maxMessageBytes",
+        ),
+        (
+            "three replicas",
+            with(v(), "spec.worker.replicas", json!(3)),
+            "spec.worker.replicas",
+        ),
         (
             "dead letter without topic",
             with(v(), "spec.delivery.poisonPolicy", json!("DeadLetter")),
@@ -195,7 +260,11 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
             with(v(), "spec.database.tls", json!({"mode": "VerifyFull"})),
             "spec.database.tls.caSecretRef",
         ),
-        ("unknown compression", with(v(), "spec.kafka.producer.compression", json!("brotli")), "spec.kafka.producer.compression"),
+        (
+            "unknown compression",
+            with(v(), "spec.kafka.producer.compression", json!("brotli")),
+            "spec.kafka.producer.compression",
+        ),
     ]
 }
 
@@ -227,9 +296,12 @@ async fn slot_name_cannot_change_after_creation() {
     install_crd(&client).await;
     let ns = namespace(&client).await;
     let api = dynamic_api(&client, &ns);
-    create(&api, with(valid("pinned"), "spec.replication.slotName", json!("pinned_slot")))
-        .await
-        .expect("create");
+    create(
+        &api,
+        with(valid("pinned"), "spec.replication.slotName", json!("pinned_slot")),
+    )
+    .await
+    .expect("create");
     let patch = json!({"spec": {"replication": {"slotName": "other_slot"}}});
     let err = api
         .patch("pinned", &PatchParams::default(), &Patch::Merge(&patch))

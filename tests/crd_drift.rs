@@ -17,8 +17,14 @@ fn checked_in_crd_matches_the_rust_types() {
 
 #[test]
 fn chart_carries_the_same_crd() {
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator/crds/outboxrelay.yaml");
+    let chart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/outbox-operator/crds/outboxrelay.yaml"
+    );
     let in_chart = std::fs::read_to_string(chart).expect("the chart ships the CRD");
     let generated = serde_norway::to_string(&OutboxRelay::crd()).expect("CRD serializes");
-    assert!(in_chart == generated, "the chart's CRD drifted; copy crds/outboxrelay.yaml into charts/outbox-operator/crds/");
+    assert!(
+        in_chart == generated,
+        "the chart's CRD drifted; copy crds/outboxrelay.yaml into charts/outbox-operator/crds/"
+    );
 }

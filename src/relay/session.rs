@@ -106,6 +106,8 @@ pub enum SessionEnd {
 struct TxnMeta {
     commit_time: PgTimestamp,
     events: u32,
+    /// Key, payload and header bytes of the transaction's records.
+    bytes: u64,
     /// Event ids to delete once confirmed (only with `deleteAfterRelay`).
     ids: Vec<Bytes>,
 }
@@ -302,6 +304,7 @@ impl Session<'_> {
                 self.current = Some(self.cp.begin(TxnMeta {
                     commit_time: b.commit_time,
                     events: 0,
+                    bytes: 0,
                     ids: Vec::new(),
                 }));
             }
@@ -325,6 +328,7 @@ impl Session<'_> {
                         self.produce(txn, &record).await?;
                         if let Some(meta) = self.cp.meta_mut(txn) {
                             meta.events += 1;
+                            meta.bytes += record.size() as u64;
                             if self.deletions.is_some()
                                 && let Some(id) = id
                             {
@@ -539,6 +543,7 @@ impl Session<'_> {
                 continue;
             }
             self.metrics.transaction_events.observe(f64::from(meta.events));
+            self.metrics.bytes.inc_by(meta.bytes);
             if let Some(t) = meta.commit_time.to_system_time()
                 && let Ok(since) = t.duration_since(SystemTime::UNIX_EPOCH)
             {

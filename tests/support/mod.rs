@@ -146,6 +146,11 @@ impl Fixture {
 
     /// Starts the worker binary as a child process (for crash tests).
     pub fn spawn_worker_process(&self, dir: &Path) -> Child {
+        self.spawn_worker_process_on(dir, "127.0.0.1:0")
+    }
+
+    /// [`Self::spawn_worker_process`] with its HTTP endpoints on `listen`.
+    pub fn spawn_worker_process_on(&self, dir: &Path, listen: &str) -> Child {
         let spec_path = dir.join(format!("{}.yaml", self.name));
         let doc = serde_json::json!({
             "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
@@ -154,7 +159,7 @@ impl Fixture {
         });
         std::fs::write(&spec_path, serde_json::to_string(&doc).expect("json")).expect("write spec");
         Command::new(env!("CARGO_BIN_EXE_outbox-operator"))
-            .args(["--log-format", "text", "relay", "--listen", "127.0.0.1:0", "--spec"])
+            .args(["--log-format", "text", "relay", "--listen", listen, "--spec"])
             .arg(&spec_path)
             .env("OUTBOX_DB_USERNAME", &self.pg_user)
             .env("OUTBOX_DB_PASSWORD", &self.pg_password)
@@ -385,6 +390,32 @@ pub fn check_per_key_order(records: &[Consumed]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A plain HTTP/1.0 GET on loopback: status code and body.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
