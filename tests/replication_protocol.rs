@@ -7,10 +7,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use outbox_operator::api::PgSslMode;
 use outbox_operator::relay::lsn::Lsn;
 use outbox_operator::relay::pgoutput::{self, ColumnValue, PgOutputMessage};
 use outbox_operator::relay::replication::{
-    ReplicationConfig, ReplicationConnection, ReplicationMessage, ReplicationReader, SslMode, publication_names,
+    ReplicationConfig, ReplicationConnection, ReplicationMessage, ReplicationReader, publication_names,
 };
 use outbox_testbed::{Components, Postgres, unique_name};
 use tokio::sync::OnceCell;
@@ -30,7 +31,7 @@ async fn pg() -> &'static Postgres {
 fn config(pg: &Postgres, db: &str) -> ReplicationConfig {
     let mut c = ReplicationConfig::new(pg.host(), pg.port(), pg.user(), db);
     c.password = Some(pg.password().to_owned());
-    c.ssl_mode = SslMode::Disable;
+    c.ssl_mode = PgSslMode::Disable;
     c.application_name = "replication-protocol-test".to_owned();
     c.connect_timeout = Duration::from_secs(10);
     c
@@ -550,6 +551,10 @@ fn fixture_path(name: &str) -> PathBuf {
         .join(name)
 }
 
+fn fixture_pem(name: &str) -> Vec<u8> {
+    std::fs::read(fixture_path(name)).expect("read CA fixture")
+}
+
 #[tokio::test]
 async fn tls_modes() {
     let pg = pg().await;
@@ -557,40 +562,42 @@ async fn tls_modes() {
     let db = unique_name("tls");
     pg.create_database(&db).await.unwrap();
 
-    let connect = |mode: SslMode, host: &str, root: Option<&str>| {
+    let connect = |mode: PgSslMode, host: &str, root: Option<&str>| {
         let mut c = config(pg, &db);
         c.ssl_mode = mode;
         c.host = host.to_owned();
-        c.ssl_root_cert = root.map(fixture_path);
+        c.ca_pem = root.map(fixture_pem);
         async move { ReplicationConnection::connect(&c).await }
     };
 
     // Encryption without verification, as libpq does for these modes.
-    for mode in [SslMode::Prefer, SslMode::Require] {
+    for mode in [PgSslMode::Prefer, PgSslMode::Require] {
         let mut conn = connect(mode, "127.0.0.1", None).await.unwrap();
-        assert!(conn.is_tls(), "{mode}");
+        assert!(conn.is_tls(), "{mode:?}");
         conn.identify_system().await.unwrap();
     }
-    let conn = connect(SslMode::Disable, "127.0.0.1", None).await.unwrap();
+    let conn = connect(PgSslMode::Disable, "127.0.0.1", None).await.unwrap();
     assert!(!conn.is_tls());
 
     // The certificate names "localhost" only.
-    let conn = connect(SslMode::VerifyCa, "127.0.0.1", Some("ca.crt")).await.unwrap();
+    let conn = connect(PgSslMode::VerifyCa, "127.0.0.1", Some("ca.crt")).await.unwrap();
     assert!(conn.is_tls());
-    let mut conn = connect(SslMode::VerifyFull, "localhost", Some("ca.crt")).await.unwrap();
+    let mut conn = connect(PgSslMode::VerifyFull, "localhost", Some("ca.crt"))
+        .await
+        .unwrap();
     assert!(conn.is_tls());
     conn.identify_system().await.unwrap();
-    let err = connect(SslMode::VerifyFull, "127.0.0.1", Some("ca.crt"))
+    let err = connect(PgSslMode::VerifyFull, "127.0.0.1", Some("ca.crt"))
         .await
         .expect_err("wrong name");
     assert_eq!(err.category(), "TlsHandshake", "{err}");
 
     // A CA that did not sign the server certificate.
-    for mode in [SslMode::VerifyCa, SslMode::VerifyFull, SslMode::Require] {
+    for mode in [PgSslMode::VerifyCa, PgSslMode::VerifyFull, PgSslMode::Require] {
         let err = connect(mode, "localhost", Some("other-ca.crt"))
             .await
             .expect_err("untrusted certificate");
-        assert_eq!(err.category(), "TlsHandshake", "{mode}: {err}");
+        assert_eq!(err.category(), "TlsHandshake", "{mode:?}: {err}");
     }
 
     // Streaming over TLS.
@@ -600,9 +607,9 @@ async fn tls_modes() {
         .await
         .unwrap();
     let mut c = fx.config();
-    c.ssl_mode = SslMode::VerifyFull;
+    c.ssl_mode = PgSslMode::VerifyFull;
     c.host = "localhost".to_owned();
-    c.ssl_root_cert = Some(fixture_path("ca.crt"));
+    c.ca_pem = Some(fixture_pem("ca.crt"));
     let conn = ReplicationConnection::connect(&c).await.unwrap();
     let pubs = publication_names(&["outbox_pub"]).unwrap();
     let (mut reader, _writer) = conn

@@ -2,15 +2,8 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
@@ -18,6 +11,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::PgError;
 use super::error::{render_chain, render_db_error};
+use super::tls::tls_client_config;
 use crate::api::{DatabaseSpec, PgSslMode};
 
 /// How long a connection attempt (TCP, TLS and authentication together) may take.
@@ -231,153 +225,6 @@ fn has_cause<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 'sta
     false
 }
 
-/// The rustls client configuration for an `sslmode`, or `None` for `Disable`.
-///
-/// Follows libpq: `Prefer` and `Require` encrypt without checking the certificate
-/// (unless `Require` is given a CA, which makes it `VerifyCa`); `VerifyCa` checks
-/// the chain against the CA; `VerifyFull` also checks that the certificate names
-/// the host. Public so other PostgreSQL connections of the crate can share it.
-pub fn tls_client_config(mode: PgSslMode, ca_pem: Option<&[u8]>) -> Result<Option<ClientConfig>, PgError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier: Arc<dyn ServerCertVerifier> = match (mode, ca_pem) {
-        (PgSslMode::Disable, _) => return Ok(None),
-        (PgSslMode::Prefer, _) | (PgSslMode::Require, None) => Arc::new(NoCertificateCheck {
-            provider: provider.clone(),
-        }),
-        (PgSslMode::Require | PgSslMode::VerifyCa, Some(pem)) => Arc::new(ChainOnly {
-            inner: webpki_verifier(pem, &provider)?,
-        }),
-        (PgSslMode::VerifyFull, Some(pem)) => webpki_verifier(pem, &provider)?,
-        (PgSslMode::VerifyCa | PgSslMode::VerifyFull, None) => {
-            return Err(PgError::TlsConfig {
-                reason: format!("sslmode {mode:?} needs a CA certificate (spec.database.tls.caSecretRef)"),
-            });
-        }
-    };
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| PgError::TlsConfig { reason: e.to_string() })?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Ok(Some(config))
-}
-
-fn webpki_verifier(pem: &[u8], provider: &Arc<CryptoProvider>) -> Result<Arc<WebPkiServerVerifier>, PgError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| PgError::TlsConfig {
-            reason: format!("CA certificate is not valid PEM: {e}"),
-        })?;
-        roots.add(cert).map_err(|e| PgError::TlsConfig {
-            reason: format!("CA certificate is unusable: {e}"),
-        })?;
-    }
-    if roots.is_empty() {
-        return Err(PgError::TlsConfig {
-            reason: "CA data contains no PEM certificate".into(),
-        });
-    }
-    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| PgError::TlsConfig { reason: e.to_string() })
-}
-
-/// `sslmode=prefer/require` without a CA: encryption without authentication of the
-/// server. The handshake signatures are still checked, so the session is bound to
-/// the key in whatever certificate the server sent.
-#[derive(Debug)]
-struct NoCertificateCheck {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for NoCertificateCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `sslmode=verify-ca`: the chain must lead to the CA, but the certificate need not
-/// name the host (servers behind a Service often carry only their pod's name).
-#[derive(Debug)]
-struct ChainOnly {
-    inner: Arc<WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            // Name checks run after the chain has been validated, so a name
-            // mismatch implies the chain itself is good.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,18 +261,5 @@ mod tests {
         let s = format!("{c:?}");
         assert!(!s.contains("hunter2"), "{s}");
         assert!(s.contains("redacted"));
-    }
-
-    #[test]
-    fn tls_modes() {
-        assert!(tls_client_config(PgSslMode::Disable, None).unwrap().is_none());
-        assert!(tls_client_config(PgSslMode::Prefer, None).unwrap().is_some());
-        assert!(tls_client_config(PgSslMode::Require, None).unwrap().is_some());
-        for mode in [PgSslMode::VerifyCa, PgSslMode::VerifyFull] {
-            let e = tls_client_config(mode, None).unwrap_err();
-            assert_eq!(e.category(), "TlsConfigInvalid");
-            let e = tls_client_config(mode, Some(b"not a certificate")).unwrap_err();
-            assert_eq!(e.category(), "TlsConfigInvalid");
-        }
     }
 }

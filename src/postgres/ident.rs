@@ -16,15 +16,31 @@ pub const MAX_IDENTIFIER_BYTES: usize = 63;
 
 /// Quotes an identifier: `a"b` becomes `"a""b"`.
 pub fn quote_ident(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('"');
-    for c in name.chars() {
-        if c == '"' {
-            out.push('"');
+    enclose_doubling(name, '"')
+}
+
+/// Quotes a string literal for a replication command such as
+/// `START_REPLICATION ... (option 'value')`: `it's` becomes `'it''s'`, and
+/// nothing else changes.
+///
+/// The walsender's command scanner knows neither backslash escapes nor `E'...'`
+/// strings: a backslash is an ordinary character there, and the `E'...'` form
+/// that [`quote_literal`] gives values with a backslash would be a syntax error.
+pub fn quote_replication_literal(value: &str) -> String {
+    enclose_doubling(value, '\'')
+}
+
+/// `s` between two `quote`s, with every `quote` inside doubled.
+fn enclose_doubling(s: &str, quote: char) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        if c == quote {
+            out.push(quote);
         }
         out.push(c);
     }
-    out.push('"');
+    out.push(quote);
     out
 }
 
@@ -57,16 +73,28 @@ pub fn validate_identifier(what: &'static str, name: &str) -> Result<(), PgError
         "must not be empty"
     } else if name.len() > MAX_IDENTIFIER_BYTES {
         "is longer than 63 bytes (PostgreSQL would truncate it)"
-    } else if name.contains('\0') {
-        "must not contain a NUL character"
     } else {
-        return Ok(());
+        return reject_nul(what, name);
     };
     Err(PgError::InvalidName {
         what,
         input: name.to_string(),
         reason,
     })
+}
+
+/// Refuses a value with a NUL character. No PostgreSQL message can carry one
+/// (the protocol's strings end at the first NUL), so such a name or value is
+/// better reported as what it is than as a query that fails to encode.
+pub fn reject_nul(what: &'static str, value: &str) -> Result<(), PgError> {
+    if value.contains('\0') {
+        return Err(PgError::InvalidName {
+            what,
+            input: value.to_string(),
+            reason: "must not contain a NUL character",
+        });
+    }
+    Ok(())
 }
 
 /// Checks a replication slot name against the server's rule (`[a-z0-9_]{1,63}`), so
@@ -177,6 +205,27 @@ mod tests {
         assert_eq!(quote_literal("'; DROP TABLE t; --"), "'''; DROP TABLE t; --'");
         assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
         assert_eq!(quote_literal(""), "''");
+    }
+
+    #[test]
+    fn quotes_replication_literals() {
+        assert_eq!(quote_replication_literal("1"), "'1'");
+        assert_eq!(quote_replication_literal("it's"), "'it''s'");
+        // No escapes in the replication grammar: a backslash stays as it is.
+        assert_eq!(quote_replication_literal(r"a\b"), r"'a\b'");
+        assert_eq!(quote_replication_literal(r"a\'b"), r"'a\''b'");
+        assert_eq!(quote_replication_literal(""), "''");
+    }
+
+    #[test]
+    fn nul_is_rejected() {
+        assert!(reject_nul("option", "proto_version").is_ok());
+        assert!(reject_nul("option", "").is_ok());
+        let err = reject_nul("slot name", "a\0b").unwrap_err();
+        assert_eq!(err.category(), "InvalidSpec");
+        assert!(err.to_string().contains("NUL"), "{err}");
+        // Identifiers are checked for NUL as well, with the same message.
+        assert_eq!(validate_identifier("slot name", "a\0b").unwrap_err(), err);
     }
 
     #[test]

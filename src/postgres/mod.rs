@@ -3,19 +3,22 @@
 //! and logical replication slot, and reading the slot's health.
 //!
 //! Used by the operator's reconciler (provision, observe, clean up) and by the
-//! worker (which streams over its own replication connection, see `relay`).
+//! worker (which streams over its own replication connection, see `relay`, with
+//! the same TLS policy from [`tls`] and the same quoting from [`ident`]).
 
 pub mod connect;
 pub mod error;
 pub mod ident;
 pub mod provision;
 pub mod slot;
+pub mod tls;
 
-pub use connect::{CONNECT_TIMEOUT, PgConnectConfig, connect, tls_client_config};
+pub use connect::{CONNECT_TIMEOUT, PgConnectConfig, connect};
 pub use error::PgError;
-pub use ident::{QualifiedTable, quote_ident, quote_literal};
+pub use ident::{QualifiedTable, quote_ident, quote_literal, quote_replication_literal};
 pub use provision::{
     OUTPUT_PLUGIN, Prerequisites, Provisioned, check_prerequisites, drop_publication, drop_slot, ensure_publication,
     ensure_slot,
 };
 pub use slot::{LagLevel, SlotInfo, classify_lag, slot_status};
+pub use tls::tls_client_config;

@@ -9,9 +9,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::mapping::{Destination, ROUTED_BY_VALUE};
-use super::replication::{ReplicationConfig, SslMode};
+use super::replication::ReplicationConfig;
 use crate::api::names::{default_publication_name, default_slot_name};
-use crate::api::{ColumnMapping, OutboxRelaySpec, PgSslMode, PoisonPolicy};
+use crate::api::{ColumnMapping, OutboxRelaySpec, PoisonPolicy};
 use crate::kafka::KafkaSettings;
 use crate::postgres::{PgConnectConfig, QualifiedTable};
 
@@ -66,7 +66,8 @@ pub struct Credentials {
     pub kafka_username: Option<String>,
     pub kafka_password: Option<String>,
     pub pg_ca_file: Option<PathBuf>,
-    /// Contents of `pg_ca_file` (the SQL connection takes PEM bytes).
+    /// Contents of `pg_ca_file`, read once at start-up: the SQL and the
+    /// replication connection both take PEM bytes (`crate::postgres::tls`).
     pub pg_ca_pem: Option<Vec<u8>>,
     pub kafka_ca_file: Option<PathBuf>,
 }
@@ -223,8 +224,8 @@ impl RelayConfig {
         replication.password = creds.db_password.clone();
         let application_name = format!("outbox-relay/{namespace}/{name}");
         replication.application_name = application_name.clone();
-        replication.ssl_mode = ssl_mode(spec.database.tls.mode);
-        replication.ssl_root_cert = creds.pg_ca_file.clone();
+        replication.ssl_mode = spec.database.tls.mode;
+        replication.ca_pem = creds.pg_ca_pem.clone();
 
         let p = &spec.kafka.producer;
         let s = &spec.kafka.security;
@@ -276,16 +277,6 @@ impl RelayConfig {
     }
 }
 
-fn ssl_mode(m: PgSslMode) -> SslMode {
-    match m {
-        PgSslMode::Disable => SslMode::Disable,
-        PgSslMode::Prefer => SslMode::Prefer,
-        PgSslMode::Require => SslMode::Require,
-        PgSslMode::VerifyCa => SslMode::VerifyCa,
-        PgSslMode::VerifyFull => SslMode::VerifyFull,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,7 +307,7 @@ mod tests {
         assert_eq!((c.table.schema.as_str(), c.table.name.as_str()), ("public", "outbox"));
         assert_eq!(c.destination, Destination::Static("orders".into()));
         assert_eq!(c.replication.port, 5432);
-        assert_eq!(c.replication.ssl_mode, SslMode::Prefer);
+        assert_eq!(c.replication.ssl_mode, PgSslMode::Prefer);
         assert_eq!(c.kafka.compression, Compression::Lz4);
         assert_eq!(c.max_message_bytes, 1_048_576);
         assert_eq!(c.poison, PoisonPolicy::Stop);

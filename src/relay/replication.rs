@@ -29,9 +29,7 @@
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -42,15 +40,13 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, Scr
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::client::WebPkiServerVerifier;
-use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio_rustls::rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use super::lsn::Lsn;
 pub use super::pgoutput::PgTimestamp;
+use crate::api::PgSslMode;
+use crate::postgres::ident::reject_nul;
+use crate::postgres::{PgError, quote_ident, quote_replication_literal, tls_client_config};
 
 /// Largest backend message we accept. PostgreSQL cannot build a single value
 /// over 1 GiB, so a longer length can only be corruption; refusing it keeps a
@@ -60,60 +56,6 @@ const MAX_MESSAGE_LEN: usize = (1 << 30) + (1 << 20);
 /// How much free buffer space each socket read asks for. Large reads keep
 /// system calls per message low when the server is streaming a backlog.
 const READ_CHUNK: usize = 128 * 1024;
-
-/// How TLS is negotiated, with libpq's meanings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SslMode {
-    /// Plaintext only.
-    Disable,
-    /// TLS if the server offers it (certificate not checked), else plaintext.
-    #[default]
-    Prefer,
-    /// TLS or fail. The certificate is not checked unless `ssl_root_cert` is
-    /// set, in which case it behaves like `VerifyCa` (as libpq does).
-    Require,
-    /// TLS with a certificate chain that leads to a trusted root; the host
-    /// name is not checked.
-    VerifyCa,
-    /// `VerifyCa` plus the certificate must name the host we connected to.
-    VerifyFull,
-}
-
-impl SslMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-impl fmt::Display for SslMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SslMode {
-    type Err = ReplicationError;
-
-    /// libpq's spellings (`verify-full`); `allow` is treated as `prefer`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "disable" => Ok(SslMode::Disable),
-            "allow" | "prefer" => Ok(SslMode::Prefer),
-            "require" => Ok(SslMode::Require),
-            "verify-ca" | "verify_ca" => Ok(SslMode::VerifyCa),
-            "verify-full" | "verify_full" => Ok(SslMode::VerifyFull),
-            _ => Err(ReplicationError::InvalidArgument {
-                reason: format!("unknown sslmode {s:?}"),
-            }),
-        }
-    }
-}
 
 /// Where and how to open the replication connection.
 #[derive(Clone)]
@@ -126,10 +68,14 @@ pub struct ReplicationConfig {
     /// Shown in `pg_stat_replication` / `pg_stat_activity`, which is how an
     /// operator tells our walsender apart from others.
     pub application_name: String,
-    pub ssl_mode: SslMode,
-    /// PEM file with the CA certificates to trust; the system's roots when
-    /// unset.
-    pub ssl_root_cert: Option<PathBuf>,
+    /// libpq's `sslmode`, applied as for the SQL connections
+    /// ([`tls_client_config`]); `Prefer` also falls back to plaintext when
+    /// the server refuses TLS or the handshake fails.
+    pub ssl_mode: PgSslMode,
+    /// CA certificate(s) to trust, PEM. Required for `VerifyCa` and
+    /// `VerifyFull`; with `Require` it makes the certificate checked as with
+    /// `VerifyCa`.
+    pub ca_pem: Option<Vec<u8>>,
     /// Bound on TCP connect, TLS and authentication together.
     pub connect_timeout: Duration,
 }
@@ -145,8 +91,8 @@ impl ReplicationConfig {
             password: None,
             dbname: dbname.into(),
             application_name: "outbox-relay".to_owned(),
-            ssl_mode: SslMode::Prefer,
-            ssl_root_cert: None,
+            ssl_mode: PgSslMode::Prefer,
+            ca_pem: None,
             connect_timeout: Duration::from_secs(30),
         }
     }
@@ -163,7 +109,7 @@ impl fmt::Debug for ReplicationConfig {
             .field("dbname", &self.dbname)
             .field("application_name", &self.application_name)
             .field("ssl_mode", &self.ssl_mode)
-            .field("ssl_root_cert", &self.ssl_root_cert)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("<{} bytes>", p.len())))
             .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
@@ -238,8 +184,8 @@ pub enum ReplicationError {
     },
     #[error("server closed the connection while {context}")]
     ConnectionClosed { context: &'static str },
-    #[error("sslmode={mode} but the server does not accept TLS connections")]
-    TlsUnsupported { mode: SslMode },
+    #[error("sslmode {mode:?} but the server does not accept TLS connections")]
+    TlsUnsupported { mode: PgSslMode },
     #[error("TLS setup failed: {reason}")]
     TlsConfig { reason: String },
     #[error("TLS handshake with {host} failed: {source}")]
@@ -431,7 +377,7 @@ impl ReplicationConnection {
         let stream = match open_stream(config).await {
             // libpq's `prefer` also retries in plaintext when the TLS
             // handshake itself fails.
-            Err(ReplicationError::TlsHandshake { host, source }) if config.ssl_mode == SslMode::Prefer => {
+            Err(ReplicationError::TlsHandshake { host, source }) if config.ssl_mode == PgSslMode::Prefer => {
                 tracing::debug!(%host, error = %source, "TLS handshake failed, retrying without TLS (sslmode=prefer)");
                 Stream::Plain(tcp_connect(config).await?)
             }
@@ -880,17 +826,18 @@ fn encode_status(buf: &mut BytesMut, write: Lsn, flush: Lsn, apply: Lsn, now: Pg
     buf.put_u8(u8::from(reply_requested));
 }
 
-/// Quotes an identifier for a replication command (`"a""b"`).
+/// Quotes an identifier for a replication command (`"a""b"`), refusing NUL.
 pub fn quote_identifier(s: &str) -> Result<String> {
-    reject_nul(s)?;
-    Ok(format!("\"{}\"", s.replace('"', "\"\"")))
+    reject_nul("identifier", s).map_err(invalid_name)?;
+    Ok(quote_ident(s))
 }
 
-/// Quotes a string literal for a replication command. The replication
-/// grammar has no backslash escapes, so only quotes are doubled.
+/// Quotes a string literal for a replication command, refusing NUL. The
+/// replication grammar has no backslash escapes, so only quotes are doubled
+/// (see [`quote_replication_literal`]).
 pub fn quote_literal(s: &str) -> Result<String> {
-    reject_nul(s)?;
-    Ok(format!("'{}'", s.replace('\'', "''")))
+    reject_nul("value", s).map_err(invalid_name)?;
+    Ok(quote_replication_literal(s))
 }
 
 /// The value of pgoutput's `publication_names` option: a comma-separated list
@@ -906,15 +853,6 @@ pub fn publication_names(names: &[&str]) -> Result<String> {
         .map(|n| quote_identifier(n))
         .collect::<Result<Vec<_>>>()?
         .join(","))
-}
-
-fn reject_nul(s: &str) -> Result<()> {
-    if s.contains('\0') {
-        return Err(ReplicationError::InvalidArgument {
-            reason: format!("{s:?} contains a NUL byte"),
-        });
-    }
-    Ok(())
 }
 
 async fn tcp_connect(config: &ReplicationConfig) -> Result<TcpStream> {
@@ -936,12 +874,12 @@ async fn tcp_connect(config: &ReplicationConfig) -> Result<TcpStream> {
 
 async fn open_stream(config: &ReplicationConfig) -> Result<Stream> {
     let mut tcp = tcp_connect(config).await?;
-    if config.ssl_mode == SslMode::Disable {
+    // Build the TLS config before asking for TLS, so a missing or bad CA
+    // fails before we bother the server.
+    let tls_config = tls_client_config(config.ssl_mode, config.ca_pem.as_deref()).map_err(tls_config_error)?;
+    let Some(tls_config) = tls_config else {
         return Ok(Stream::Plain(tcp));
-    }
-    // Build the TLS config first so a bad root file fails before we bother
-    // the server.
-    let connector = tls_connector(config)?;
+    };
 
     let mut request = BytesMut::new();
     frontend::ssl_request(&mut request);
@@ -955,7 +893,7 @@ async fn open_stream(config: &ReplicationConfig) -> Result<Stream> {
     let answer = tcp.read_u8().await.map_err(io)?;
     match answer {
         b'S' => {}
-        b'N' if config.ssl_mode == SslMode::Prefer => return Ok(Stream::Plain(tcp)),
+        b'N' if config.ssl_mode == PgSslMode::Prefer => return Ok(Stream::Plain(tcp)),
         b'N' => {
             return Err(ReplicationError::TlsUnsupported { mode: config.ssl_mode });
         }
@@ -966,7 +904,7 @@ async fn open_stream(config: &ReplicationConfig) -> Result<Stream> {
     let server_name = ServerName::try_from(config.host.clone()).map_err(|e| ReplicationError::TlsConfig {
         reason: format!("host {:?} is not a valid TLS server name: {e}", config.host),
     })?;
-    let tls = connector
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
         .connect(server_name, tcp)
         .await
         .map_err(|source| ReplicationError::TlsHandshake {
@@ -976,154 +914,13 @@ async fn open_stream(config: &ReplicationConfig) -> Result<Stream> {
     Ok(Stream::Tls(Box::new(tls)))
 }
 
-fn tls_connector(config: &ReplicationConfig) -> Result<tokio_rustls::TlsConnector> {
-    let tls_err = |reason: String| ReplicationError::TlsConfig { reason };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_err(e.to_string()))?;
-    let verify_chain = match config.ssl_mode {
-        SslMode::VerifyCa | SslMode::VerifyFull => true,
-        SslMode::Require => config.ssl_root_cert.is_some(),
-        SslMode::Prefer | SslMode::Disable => false,
-    };
-    let client = if verify_chain {
-        let roots = Arc::new(root_store(config)?);
-        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|e| tls_err(e.to_string()))?;
-        if config.ssl_mode == SslMode::VerifyFull {
-            builder.with_webpki_verifier(webpki)
-        } else {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnlyVerifier(webpki)))
-        }
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptOnlyVerifier(provider)))
-    };
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(client.with_no_client_auth())))
-}
-
-fn root_store(config: &ReplicationConfig) -> Result<rustls::RootCertStore> {
-    let tls_err = |reason: String| ReplicationError::TlsConfig { reason };
-    let mut store = rustls::RootCertStore::empty();
-    match &config.ssl_root_cert {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| tls_err(format!("reading {}: {e}", path.display())))?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| tls_err(format!("parsing {}: {e}", path.display())))?;
-                store
-                    .add(cert)
-                    .map_err(|e| tls_err(format!("certificate in {}: {e}", path.display())))?;
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            for e in &native.errors {
-                tracing::debug!(error = %e, "skipping unreadable system root certificate");
-            }
-            store.add_parsable_certificates(native.certs);
-        }
-    }
-    if store.is_empty() {
-        return Err(tls_err(format!(
-            "sslmode={} needs trusted root certificates, but none were found",
-            config.ssl_mode
-        )));
-    }
-    Ok(store)
-}
-
-/// `prefer` / `require` without a root file: encryption against passive
-/// eavesdropping only, as in libpq. The handshake signature is still checked,
-/// so the session key belongs to whoever holds the presented certificate.
-#[derive(Debug)]
-struct EncryptOnlyVerifier(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnlyVerifier {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted root, whatever name the
-/// certificate carries (in-cluster services are often reached by a name the
-/// certificate does not list).
-#[derive(Debug)]
-struct ChainOnlyVerifier(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnlyVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+/// [`tls_client_config`] only fails with [`PgError::TlsConfig`].
+fn tls_config_error(e: PgError) -> ReplicationError {
+    match e {
+        PgError::TlsConfig { reason } => ReplicationError::TlsConfig { reason },
+        other => ReplicationError::TlsConfig {
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -1315,6 +1112,10 @@ fn unexpected(tag: u8, context: &str) -> ReplicationError {
     protocol(format!("unexpected message {tag:#04x} ({shown}) while {context}"))
 }
 
+fn invalid_name(e: PgError) -> ReplicationError {
+    ReplicationError::InvalidArgument { reason: e.to_string() }
+}
+
 fn invalid_argument(what: &str, e: io::Error) -> ReplicationError {
     ReplicationError::InvalidArgument {
         reason: format!("{what}: {e}"),
@@ -1453,20 +1254,6 @@ mod tests {
         short.extend(1i16.to_be_bytes());
         short.extend(9i32.to_be_bytes());
         assert!(parse_data_row(Bytes::from(short)).is_err());
-    }
-
-    #[test]
-    fn ssl_modes_parse_libpq_names() {
-        for mode in [
-            SslMode::Disable,
-            SslMode::Prefer,
-            SslMode::Require,
-            SslMode::VerifyCa,
-            SslMode::VerifyFull,
-        ] {
-            assert_eq!(mode.as_str().parse::<SslMode>().unwrap(), mode);
-        }
-        assert!("sometimes".parse::<SslMode>().is_err());
     }
 
     #[test]
