@@ -64,17 +64,28 @@ async fn main() -> Result<(), Error> {
     install_crd(&client).await?;
     let op_port = free_port()?;
     let mut operator = Command::new(&bin)
-        .args(["--log-format", "text", "operator", "--relay-image", "outbox-operator:dev"])
+        .args([
+            "--log-format",
+            "text",
+            "operator",
+            "--relay-image",
+            "outbox-operator:dev",
+        ])
         .args(["--listen", &format!("127.0.0.1:{op_port}"), "--requeue-seconds", "5"])
         .env("KUBECONFIG", bed.kube.kubeconfig_path())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()?;
 
-    say(format!("kubectl apply: namespace {NS}, the database Secret, OutboxRelay {RELAY}"));
+    say(format!(
+        "kubectl apply: namespace {NS}, the database Secret, OutboxRelay {RELAY}"
+    ));
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}}))?)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}}))?,
+        )
         .await?;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     secrets
@@ -99,7 +110,9 @@ async fn main() -> Result<(), Error> {
         }
     });
     let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), NS);
-    relays.create(&PostParams::default(), &serde_json::from_value(relay)?).await?;
+    relays
+        .create(&PostParams::default(), &serde_json::from_value(relay)?)
+        .await?;
 
     say("The operator provisions the publication and slot and renders the worker Deployment");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
@@ -121,7 +134,9 @@ async fn main() -> Result<(), Error> {
     .await?;
     mark_available(&deployments).await?;
 
-    say(format!("The orders service commits {ORDERS} orders; every 5th transaction rolls back"));
+    say(format!(
+        "The orders service commits {ORDERS} orders; every 5th transaction rolls back"
+    ));
     let mut committed = HashSet::new();
     let mut rolled_back = HashSet::new();
     let mut db = db;
@@ -167,7 +182,10 @@ async fn main() -> Result<(), Error> {
     let seen: HashSet<&String> = records.iter().map(|r| &r.id).collect();
     let delivered = committed.iter().filter(|id| seen.contains(id)).count();
     let ghosts = rolled_back.iter().filter(|id| seen.contains(id)).count();
-    println!("  delivered {delivered}/{} committed events; rolled-back events seen: {ghosts}", committed.len());
+    println!(
+        "  delivered {delivered}/{} committed events; rolled-back events seen: {ghosts}",
+        committed.len()
+    );
 
     say("kubectl get outboxrelays -n shop");
     let status = wait_for(Duration::from_secs(60), "Ready=True", || async {
@@ -181,7 +199,11 @@ async fn main() -> Result<(), Error> {
         ready.then_some(r)
     })
     .await;
-    let out = bed.kube.kubectl().args(["get", "outboxrelays", "-n", NS, "-o", "wide"]).output()?;
+    let out = bed
+        .kube
+        .kubectl()
+        .args(["get", "outboxrelays", "-n", NS, "-o", "wide"])
+        .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if let Err(e) = &status {
         println!("  (not Ready yet: {e})");
@@ -207,14 +229,21 @@ async fn main() -> Result<(), Error> {
         relays.get_opt(RELAY).await.ok().and_then(|o| o.is_none().then_some(()))
     })
     .await?;
-    let slots: i64 = db.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await?.get(0);
+    let slots: i64 = db
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await?
+        .get(0);
     let pubs: i64 = db.query_one("SELECT count(*) FROM pg_publication", &[]).await?.get(0);
     println!("  slots left: {slots}, publications left: {pubs}");
 
     let _ = operator.kill();
     let _ = operator.wait();
     let ok = delivered == committed.len() && ghosts == 0 && slots == 0 && pubs == 0 && status.is_ok();
-    say(if ok { "Demo finished: every committed event delivered, no rolled-back event, cleanup done" } else { "Demo finished with problems (see above)" });
+    say(if ok {
+        "Demo finished: every committed event delivered, no rolled-back event, cleanup done"
+    } else {
+        "Demo finished with problems (see above)"
+    });
     if ok { Ok(()) } else { Err("demo checks failed".into()) }
 }
 
@@ -257,10 +286,10 @@ async fn run_pod(bin: &Path, d: &Deployment, secrets: &Api<Secret>) -> Result<(C
     let c = pod.containers.first().ok_or("no container")?;
     let addr = format!("127.0.0.1:{}", free_port()?);
     let mut args: Vec<String> = c.args.clone().unwrap_or_default();
-    if let Some(i) = args.iter().position(|a| a == "--listen") {
-        if let Some(v) = args.get_mut(i + 1) {
-            *v = addr.clone();
-        }
+    if let Some(i) = args.iter().position(|a| a == "--listen")
+        && let Some(v) = args.get_mut(i + 1)
+    {
+        *v = addr.clone();
     }
     let mut env = BTreeMap::new();
     for e in c.env.clone().unwrap_or_default() {
@@ -268,7 +297,10 @@ async fn run_pod(bin: &Path, d: &Deployment, secrets: &Api<Secret>) -> Result<(C
             (Some(v), _) => v,
             (None, Some(r)) => {
                 let s = secrets.get(&r.name).await?;
-                let bytes = s.data.and_then(|d| d.get(&r.key).cloned()).ok_or("secret key missing")?;
+                let bytes = s
+                    .data
+                    .and_then(|d| d.get(&r.key).cloned())
+                    .ok_or("secret key missing")?;
                 String::from_utf8(bytes.0)?
             }
             _ => continue,
@@ -286,7 +318,11 @@ async fn run_pod(bin: &Path, d: &Deployment, secrets: &Api<Secret>) -> Result<(C
 async fn mark_available(deployments: &Api<Deployment>) -> Result<(), Error> {
     let status = json!({"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}});
     deployments
-        .patch_status(&format!("{RELAY}-relay"), &PatchParams::default(), &Patch::Merge(&status))
+        .patch_status(
+            &format!("{RELAY}-relay"),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
         .await?;
     Ok(())
 }
@@ -340,10 +376,16 @@ fn read_topic(bootstrap: &str, topic: &str, expect: &HashSet<String>) -> Result<
             out.push(Record {
                 partition: m.partition(),
                 offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                key: m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default(),
                 event_type: header("type"),
                 id,
-                payload: m.payload().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default(),
+                payload: m
+                    .payload()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .unwrap_or_default(),
             });
         }
     }
@@ -381,6 +423,9 @@ async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     s.read_to_end(&mut buf).await.ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }

@@ -2,6 +2,7 @@
 //!
 //! Module map (see docs/architecture.md):
 //! - [`api`]: the `OutboxRelay` resource, its conditions and reasons.
+//! - [`controller`]: the operator's reconciler (Deployment, publication, slot, status).
 //! - [`postgres`]: SQL side: connecting, prerequisites, publication and slot, lag.
 //! - [`relay`]: the worker's data path (replication stream, pgoutput, records, checkpoints).
 //! - [`kafka`]: producer settings, delivery reports and error kinds.
@@ -9,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod controller;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

@@ -1,4 +1,5 @@
-//! One binary, several roles: `relay` (the worker), `crd` (prints the CRD).
+//! One binary, several roles: `operator` (the controller), `relay` (the worker),
+//! `crd` (prints the CRD).
 //! Wiring only; the logic lives in the library.
 
 use std::net::SocketAddr;
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use outbox_operator::api::OutboxRelay;
+use outbox_operator::controller;
 use outbox_operator::relay::config::{Credentials, RelayConfig, SpecFile};
 use outbox_operator::relay::worker::{self, RelayHandle};
 use outbox_operator::telemetry::{self, LogFormat};
@@ -28,6 +30,24 @@ enum Command {
     Crd,
     /// Run the relay worker: stream the slot, publish to Kafka, confirm after acks.
     Relay(RelayArgs),
+    /// Run the operator: reconcile OutboxRelays into worker Deployments, publications and slots.
+    Operator(OperatorArgs),
+}
+
+#[derive(clap::Args)]
+struct OperatorArgs {
+    /// Worker image for relays that do not set spec.worker.image.
+    #[arg(long, env = "OUTBOX_RELAY_IMAGE")]
+    relay_image: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "OUTBOX_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "OUTBOX_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Seconds between reconciles of a healthy relay (refreshes lag and conditions).
+    #[arg(long, env = "OUTBOX_REQUEUE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    requeue_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -61,7 +81,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             telemetry::init(cli.log_format, "info");
             run_relay(args).await
         }
+        Command::Operator(args) => {
+            telemetry::init(cli.log_format, "info");
+            run_operator(args).await
+        }
     }
+}
+
+async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes client configuration (in-cluster or kubeconfig): {e}"))?;
+    let config = controller::Config {
+        relay_image: args.relay_image,
+        namespace: args.namespace,
+        requeue_interval: std::time::Duration::from_secs(args.requeue_seconds),
+    };
+    let handle = controller::OperatorHandle::new();
+    let (tx, rx) = watch::channel(false);
+    let listener = outbox_operator::http::bind(args.listen)
+        .await
+        .map_err(|e| format!("binding {}: {e}", args.listen))?;
+    let http = tokio::spawn(outbox_operator::http::serve(listener, handle.clone(), rx.clone()));
+    tokio::spawn(worker::shutdown_on_signal(tx.clone()));
+    // The controller wants a Sync future: a task handle is one, a future waiting on a
+    // watch receiver is not.
+    let mut stop = rx;
+    let signalled = tokio::spawn(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    controller::run(client, config, handle, async move {
+        let _ = signalled.await;
+    })
+    .await;
+    // Also stops the HTTP server when the controller ended on its own.
+    let _ = tx.send(true);
+    http.await??;
+    Ok(())
 }
 
 async fn run_relay(args: RelayArgs) -> Result<(), Box<dyn std::error::Error>> {

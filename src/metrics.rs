@@ -1,4 +1,4 @@
-//! Prometheus metrics (OpenMetrics text) of the relay worker.
+//! Prometheus metrics (OpenMetrics text) of the relay worker and of the operator.
 //!
 //! Names follow `outbox_<component>_<what>_<unit>`. Labels stay low-cardinality:
 //! outcomes and error categories only; never event ids, topics or LSNs. The
@@ -130,6 +130,188 @@ impl Default for RelayMetrics {
     }
 }
 
+/// Per-relay series of the operator: one per `OutboxRelay`, so `namespace` and
+/// `name` stay as low-cardinality as the relays themselves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusUpdateLabels {
+    /// `written`, or `unchanged` when the computed status equalled the stored one.
+    pub outcome: &'static str,
+}
+
+/// All operator metrics (prefix `outbox_operator`); cheap to clone.
+#[derive(Clone)]
+pub struct OperatorMetrics {
+    pub reconcile_duration_seconds: Histogram,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub status_updates: Family<StatusUpdateLabels, Counter>,
+    pub slot_lag_bytes: Family<RelayLabels, Gauge>,
+    pub slot_retained_bytes: Family<RelayLabels, Gauge>,
+    pub slot_active: Family<RelayLabels, Gauge>,
+    pub slot_wal_lost: Family<RelayLabels, Gauge>,
+    pub ready: Family<RelayLabels, Gauge>,
+    registry: Arc<Registry>,
+}
+
+/// What the operator last saw of one relay, for its gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayGauges {
+    pub ready: bool,
+    /// `None` when the slot could not be read this time: the slot series keep their
+    /// last values rather than drop to zero, which would look like a caught-up relay.
+    pub slot: Option<SlotGauges>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SlotGauges {
+    pub lag_bytes: i64,
+    pub retained_bytes: i64,
+    pub active: bool,
+    pub wal_lost: bool,
+}
+
+impl OperatorMetrics {
+    pub fn new() -> Self {
+        // 5 ms … ~82 s: a reconcile is a few API calls and SQL statements, but slot
+        // creation waits for running transactions.
+        let reconcile_duration_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 15));
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let status_updates = Family::<StatusUpdateLabels, Counter>::default();
+        let slot_lag_bytes = Family::<RelayLabels, Gauge>::default();
+        let slot_retained_bytes = Family::<RelayLabels, Gauge>::default();
+        let slot_active = Family::<RelayLabels, Gauge>::default();
+        let slot_wal_lost = Family::<RelayLabels, Gauge>::default();
+        let ready = Family::<RelayLabels, Gauge>::default();
+
+        let mut r = Registry::with_prefix("outbox_operator");
+        r.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile of an OutboxRelay took",
+            reconcile_duration_seconds.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Failed reconciles by error category",
+            reconcile_errors.clone(),
+        );
+        r.register(
+            "status_updates",
+            "Status writes, and reconciles that skipped the write because nothing changed",
+            status_updates.clone(),
+        );
+        r.register(
+            "slot_lag_bytes",
+            "WAL bytes between the server's position and the slot's confirmed position",
+            slot_lag_bytes.clone(),
+        );
+        r.register(
+            "slot_retained_bytes",
+            "WAL bytes the slot keeps on the primary's disk",
+            slot_retained_bytes.clone(),
+        );
+        r.register(
+            "slot_active",
+            "1 while a worker streams from the slot",
+            slot_active.clone(),
+        );
+        r.register(
+            "slot_wal_lost",
+            "1 when PostgreSQL removed WAL the slot still needed (wal_status lost)",
+            slot_wal_lost.clone(),
+        );
+        r.register("ready", "1 while the relay's Ready condition is True", ready.clone());
+
+        Self {
+            reconcile_duration_seconds,
+            reconcile_errors,
+            status_updates,
+            slot_lag_bytes,
+            slot_retained_bytes,
+            slot_active,
+            slot_wal_lost,
+            ready,
+            registry: Arc::new(r),
+        }
+    }
+
+    /// Starts timing a reconcile; the duration is recorded when the timer is dropped,
+    /// so every return path (errors and panics included) is measured.
+    pub fn reconcile_timer(&self) -> ReconcileTimer {
+        ReconcileTimer {
+            start: std::time::Instant::now(),
+            histogram: self.reconcile_duration_seconds.clone(),
+        }
+    }
+
+    pub fn reconcile_error(&self, kind: &'static str) {
+        self.reconcile_errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+
+    pub fn status_update(&self, written: bool) {
+        let outcome = if written { "written" } else { "unchanged" };
+        self.status_updates.get_or_create(&StatusUpdateLabels { outcome }).inc();
+    }
+
+    /// Sets one relay's gauges.
+    pub fn set_relay(&self, namespace: &str, name: &str, g: &RelayGauges) {
+        let l = RelayLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        self.ready.get_or_create(&l).set(i64::from(g.ready));
+        if let Some(s) = &g.slot {
+            self.slot_lag_bytes.get_or_create(&l).set(s.lag_bytes);
+            self.slot_retained_bytes.get_or_create(&l).set(s.retained_bytes);
+            self.slot_active.get_or_create(&l).set(i64::from(s.active));
+            self.slot_wal_lost.get_or_create(&l).set(i64::from(s.wal_lost));
+        }
+    }
+
+    /// Drops a deleted relay's series, so they do not linger with their last values.
+    pub fn remove_relay(&self, namespace: &str, name: &str) {
+        let l = RelayLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        self.ready.remove(&l);
+        self.slot_lag_bytes.remove(&l);
+        self.slot_retained_bytes.remove(&l);
+        self.slot_active.remove(&l);
+        self.slot_wal_lost.remove(&l);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for OperatorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Records the time since its creation into the reconcile histogram when dropped.
+pub struct ReconcileTimer {
+    start: std::time::Instant,
+    histogram: Histogram,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +333,42 @@ mod tests {
         );
         assert!(text.contains("outbox_relay_commit_to_ack_seconds_bucket"), "{text}");
         assert!(text.contains("outbox_relay_confirmed_lsn"), "{text}");
+    }
+
+    #[test]
+    fn operator_exposition_has_the_documented_names() {
+        let m = OperatorMetrics::new();
+        drop(m.reconcile_timer());
+        m.reconcile_error("DatabaseUnreachable");
+        m.status_update(true);
+        m.set_relay(
+            "shop",
+            "orders",
+            &RelayGauges {
+                ready: true,
+                slot: Some(SlotGauges {
+                    lag_bytes: 42,
+                    retained_bytes: 84,
+                    active: true,
+                    wal_lost: false,
+                }),
+            },
+        );
+        let text = m.encode();
+        for want in [
+            "outbox_operator_reconcile_duration_seconds_count 1",
+            "outbox_operator_reconcile_errors_total{kind=\"DatabaseUnreachable\"} 1",
+            "outbox_operator_status_updates_total{outcome=\"written\"} 1",
+            "outbox_operator_slot_lag_bytes{namespace=\"shop\",name=\"orders\"} 42",
+            "outbox_operator_slot_retained_bytes{namespace=\"shop\",name=\"orders\"} 84",
+            "outbox_operator_slot_active{namespace=\"shop\",name=\"orders\"} 1",
+            "outbox_operator_slot_wal_lost{namespace=\"shop\",name=\"orders\"} 0",
+            "outbox_operator_ready{namespace=\"shop\",name=\"orders\"} 1",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        m.remove_relay("shop", "orders");
+        let text = m.encode();
+        assert!(!text.contains("name=\"orders\""), "{text}");
     }
 }
