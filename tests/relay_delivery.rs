@@ -227,3 +227,19 @@ async fn delete_after_relay_empties_the_table() {
     .await;
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_in_flight_budget_still_delivers_everything_in_order() {
+    let bed = outbox_testbed::shared().await;
+    let fx = Fixture::new(&bed.pg, &bed.kafka, "relay-budget", 4).await;
+    let mut cfg = fx.config();
+    // A few records at a time: reading pauses and resumes on every ack.
+    cfg.tuning.max_in_flight_bytes = 2048;
+    let worker = fx.start_worker_with(cfg);
+    let client = bed.pg.client(&fx.db).await.expect("connect");
+    let expect: HashSet<String> = fx.insert_events(&client, 20, 50, 100).await.into_iter().collect();
+    let records = consume_async(&fx.bootstrap, &fx.topic, &expect, WAIT, Duration::from_millis(500)).await;
+    assert_all_delivered(&records, &expect);
+    check_per_key_order(&records).expect("per-key order");
+    worker.shutdown().await;
+}

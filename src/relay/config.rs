@@ -144,6 +144,9 @@ pub struct Tuning {
     pub confirm_interval: Duration,
     /// Reading WAL pauses while this many events wait for Kafka.
     pub max_in_flight: usize,
+    /// ... or once their records hold this many bytes: bounds the producer's memory
+    /// (librdkafka keeps a copy of every record until it is acknowledged).
+    pub max_in_flight_bytes: usize,
     /// With events in flight and no acknowledgement for this long, the worker reports not ready.
     pub stall_after: Duration,
     /// Pause between attempts after a failed session (doubles up to `max_backoff`).
@@ -161,6 +164,7 @@ impl Default for Tuning {
             status_interval: Duration::from_secs(10),
             confirm_interval: Duration::from_millis(100),
             max_in_flight: crate::kafka::MAX_IN_FLIGHT,
+            max_in_flight_bytes: 16 * 1024 * 1024,
             stall_after: Duration::from_secs(15),
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),

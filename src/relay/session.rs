@@ -7,7 +7,8 @@
 //! new session re-sends only the unacknowledged tail.
 //!
 //! Kafka being down does *not* end a session: the producer retries forever
-//! (no message timeout), reading pauses once `max_in_flight` events wait, the
+//! (no message timeout), reading pauses once `max_in_flight` events (or
+//! `max_in_flight_bytes`) wait, the
 //! confirmed position stays put (PostgreSQL keeps the WAL), and the worker
 //! reports itself stalled until acknowledgements flow again.
 
@@ -112,13 +113,41 @@ struct TxnMeta {
     ids: Vec<Bytes>,
 }
 
-/// Kafka tags carry the transaction sequence and, in the low bit, whether the
-/// record went to the dead-letter topic.
-fn tag(txn: TxnSeq, dead_letter: bool) -> usize {
-    (txn.as_u64() << 1 | u64::from(dead_letter)) as usize
+/// What a record's Kafka delivery tag carries, packed into the integer librdkafka
+/// hands back: `| transaction sequence: 36 bits | record size: 27 bits | dead-letter: 1 bit |`.
+/// The size lets the session bound the bytes in flight without a lookup per ack;
+/// 2^36 transactions per session and sizes clamped at 128 MiB are both far beyond use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tag {
+    txn: TxnSeq,
+    size: u64,
+    dead_letter: bool,
 }
-fn untag(tag: usize) -> (TxnSeq, bool) {
-    (TxnSeq::from_u64((tag as u64) >> 1), tag & 1 == 1)
+
+const SIZE_BITS: u32 = 27;
+const SIZE_MAX: u64 = (1 << SIZE_BITS) - 1;
+
+impl Tag {
+    fn new(txn: TxnSeq, size: usize, dead_letter: bool) -> Self {
+        Self {
+            txn,
+            size: (size as u64).min(SIZE_MAX),
+            dead_letter,
+        }
+    }
+
+    fn encode(self) -> usize {
+        ((self.txn.as_u64() << (SIZE_BITS + 1)) | (self.size << 1) | u64::from(self.dead_letter)) as usize
+    }
+
+    fn decode(tag: usize) -> Self {
+        let v = tag as u64;
+        Self {
+            txn: TxnSeq::from_u64(v >> (SIZE_BITS + 1)),
+            size: (v >> 1) & SIZE_MAX,
+            dead_letter: v & 1 == 1,
+        }
+    }
 }
 
 type Producer_ = ThreadedProducer<RelayProducerContext>;
@@ -171,6 +200,7 @@ pub async fn run(
         current: None,
         received: Lsn::ZERO,
         sent: Lsn::ZERO,
+        bytes_in_flight: 0,
         last_progress: Instant::now(),
     };
     let mut writer = writer;
@@ -212,6 +242,8 @@ struct Session<'a> {
     received: Lsn,
     /// Flush position last sent to the server.
     sent: Lsn,
+    /// Bytes of records sent and not yet reported back; bounds librdkafka's memory.
+    bytes_in_flight: u64,
     /// Last acknowledgement, or when the in-flight set last became non-empty.
     last_progress: Instant,
 }
@@ -229,6 +261,7 @@ impl Session<'_> {
         let mut status_tick = tokio::time::interval(t.status_interval);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let max_in_flight = t.max_in_flight;
+        let max_bytes = t.max_in_flight_bytes as u64;
 
         loop {
             tokio::select! {
@@ -241,7 +274,7 @@ impl Session<'_> {
                         self.on_report(report)?;
                     }
                 }
-                msg = reader.next(), if self.cp.in_flight() < max_in_flight => {
+                msg = reader.next(), if self.cp.in_flight() < max_in_flight && self.bytes_in_flight < max_bytes => {
                     match msg? {
                         Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
                             self.received = self.received.max(wal_end);
@@ -417,7 +450,8 @@ impl Session<'_> {
                 value: Some(&v[..]),
             });
         }
-        let mut record = BaseRecord::with_opaque_to(&r.topic, tag(txn, false)).headers(h);
+        let size = r.size();
+        let mut record = BaseRecord::with_opaque_to(&r.topic, Tag::new(txn, size, false).encode()).headers(h);
         if let Some(k) = &r.key {
             record = record.key(&k[..]);
         }
@@ -431,6 +465,7 @@ impl Session<'_> {
                         self.last_progress = Instant::now();
                     }
                     self.cp.add_record(txn);
+                    self.bytes_in_flight += size as u64;
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -485,8 +520,11 @@ impl Session<'_> {
         record
             .headers
             .push((headers::ORIGINAL_TOPIC.into(), record.topic.clone().into_bytes()));
+        let size = record.key.as_ref().map_or(0, Vec::len)
+            + record.payload.as_ref().map_or(0, Vec::len)
+            + record.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
         let h = kafka::owned_headers(&record.headers);
-        let mut base = BaseRecord::with_opaque_to(dlq, tag(txn, true)).headers(h);
+        let mut base = BaseRecord::with_opaque_to(dlq, Tag::new(txn, size, true).encode()).headers(h);
         if let Some(k) = &record.key {
             base = base.key(&k[..]);
         }
@@ -497,6 +535,7 @@ impl Session<'_> {
             event_id,
             reason: e.to_string(),
         })?;
+        self.bytes_in_flight += size as u64;
         if !counted {
             self.cp.add_record(txn);
         }
@@ -504,7 +543,13 @@ impl Session<'_> {
     }
 
     fn on_report(&mut self, report: DeliveryReport) -> Result<(), RelayError> {
-        let (txn, dead_lettered) = untag(report.tag);
+        let Tag {
+            txn,
+            size,
+            dead_letter: dead_lettered,
+        } = Tag::decode(report.tag);
+        // Every send adds its size and every report, success or not, takes it back.
+        self.bytes_in_flight = self.bytes_in_flight.saturating_sub(size);
         match report.result {
             Ok(()) => {
                 self.last_progress = Instant::now();
@@ -614,8 +659,20 @@ mod tests {
 
     #[test]
     fn tags_round_trip() {
-        let t = TxnSeq::from_u64(12345);
-        assert_eq!(untag(tag(t, false)), (t, false));
-        assert_eq!(untag(tag(t, true)), (t, true));
+        for (seq, size, dlq) in [
+            (0, 0, false),
+            (12345, 1024, true),
+            ((1 << 36) - 1, SIZE_MAX as usize, true),
+        ] {
+            let t = Tag::new(TxnSeq::from_u64(seq), size, dlq);
+            assert_eq!(Tag::decode(t.encode()), t);
+        }
+        let big = Tag::new(TxnSeq::from_u64(7), usize::MAX, false);
+        assert_eq!(
+            Tag::decode(big.encode()).size,
+            SIZE_MAX,
+            "sizes clamp instead of spilling into the sequence"
+        );
+        assert_eq!(Tag::decode(big.encode()).txn, TxnSeq::from_u64(7));
     }
 }
