@@ -47,15 +47,7 @@ const ORDER_TOKEN_CHARS: usize = 160;
 const SLOT_POLL: Duration = Duration::from_millis(50);
 
 /// The outbox table the relay reads, as in the integration tests.
-const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    aggregatetype text NOT NULL,
-    aggregateid text,
-    type text NOT NULL,
-    payload jsonb,
-    headers jsonb,
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-)";
+use outbox_testbed::OUTBOX_DDL;
 
 /// The polling publisher's table: the same columns plus the `sent` flag, with the
 /// partial index such a publisher needs to find unsent rows without a full scan.

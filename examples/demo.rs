@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt};
 use outbox_operator::api::OutboxRelay;
-use outbox_testbed::TestBed;
+use outbox_testbed::{TestBed, free_port, http_get};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -61,7 +60,7 @@ async fn main() -> Result<(), Error> {
 
     say("Installing the OutboxRelay CRD and starting the operator");
     let client = bed.kube.client().await?;
-    install_crd(&client).await?;
+    bed.kube.install_crd(&OutboxRelay::crd()).await?;
     let op_port = free_port()?;
     let mut operator = Command::new(&bin)
         .args([
@@ -258,23 +257,6 @@ fn worker_binary() -> Result<PathBuf, Error> {
     Ok(bin)
 }
 
-async fn install_crd(client: &Client) -> Result<(), Error> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = OutboxRelay::crd();
-    let name = crd.metadata.name.clone().ok_or("crd name")?;
-    crds.patch(&name, &PatchParams::apply("outbox-demo").force(), &Patch::Apply(&crd))
-        .await?;
-    wait_for(Duration::from_secs(30), "the CRD to be established", || async {
-        let c = crds.get(&name).await.ok()?;
-        c.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await
-}
-
 /// Runs the Deployment's single container locally: same args, env resolved from
 /// values and Secret references, HTTP port moved to a free loopback port.
 async fn run_pod(bin: &Path, d: &Deployment, secrets: &Api<Secret>) -> Result<(Child, String), Error> {
@@ -407,25 +389,4 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn free_port() -> Result<u16, Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
 }

@@ -2,39 +2,12 @@
 //! listed by `kubectl get outboxrelays` with their printer columns, and bad ones
 //! are refused by the API server itself with a message that names the field.
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt, Resource};
 use outbox_operator::api::OutboxRelay;
 use outbox_testbed::{shared, unique_name};
 use serde_json::{Value, json};
-
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = OutboxRelay::crd();
-    let name = crd.metadata.name.clone().expect("crd name");
-    // Server-side apply: idempotent when several tests of this binary race to install.
-    crds.patch(&name, &PatchParams::apply("outbox-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
-    for _ in 0..100 {
-        let c = crds.get(&name).await.expect("get CRD");
-        let established = c
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("CRD {name} never became Established");
-}
 
 async fn namespace(client: &Client) -> String {
     let ns = unique_name("api");
@@ -94,7 +67,7 @@ fn with(mut obj: Value, path: &str, value: Value) -> Value {
 async fn valid_resource_is_accepted_and_listed_with_printer_columns() {
     let bed = shared().await;
     let client = bed.kube.client().await.expect("client");
-    install_crd(&client).await;
+    bed.kube.install_crd(&OutboxRelay::crd()).await.expect("install CRD");
     let ns = namespace(&client).await;
     let api = dynamic_api(&client, &ns);
     let created = create(&api, valid("orders")).await.expect("valid resource accepted");
@@ -272,7 +245,7 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
 async fn invalid_resources_are_refused_naming_the_field() {
     let bed = shared().await;
     let client = bed.kube.client().await.expect("client");
-    install_crd(&client).await;
+    bed.kube.install_crd(&OutboxRelay::crd()).await.expect("install CRD");
     let ns = namespace(&client).await;
     let api = dynamic_api(&client, &ns);
     let cases = invalid_cases();
@@ -293,7 +266,7 @@ async fn invalid_resources_are_refused_naming_the_field() {
 async fn slot_name_cannot_change_after_creation() {
     let bed = shared().await;
     let client = bed.kube.client().await.expect("client");
-    install_crd(&client).await;
+    bed.kube.install_crd(&OutboxRelay::crd()).await.expect("install CRD");
     let ns = namespace(&client).await;
     let api = dynamic_api(&client, &ns);
     create(

@@ -6,6 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use outbox_testbed::http_get;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::components::Components;
@@ -11,6 +13,7 @@ use crate::process::{self, Spec, Supervised};
 
 const ETCD_TIMEOUT: Duration = Duration::from_secs(60);
 const APISERVER_TIMEOUT: Duration = Duration::from_secs(120);
+const CRD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// etcd plus kube-apiserver, the way envtest runs them: a real API server with
 /// RBAC, admission and CRDs, but no scheduler, controllers or kubelet, so pods
@@ -172,6 +175,37 @@ impl KubeApi {
     }
 
     /// `kubectl --kubeconfig <this server's kubeconfig>`; add arguments and run.
+    /// Installs (server-side applies) a CRD and waits until it is Established, so
+    /// resources of its kind can be created right after. Idempotent, so the tests of
+    /// one binary may race to install the same CRD.
+    pub async fn install_crd(&self, crd: &CustomResourceDefinition) -> Result<()> {
+        let client = self.client().await?;
+        let crds: Api<CustomResourceDefinition> = Api::all(client);
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &PatchParams::apply("outbox-testbed").force(), &Patch::Apply(crd))
+            .await
+            .context(|| format!("applying CRD {name}"))?;
+        let deadline = std::time::Instant::now() + CRD_TIMEOUT;
+        loop {
+            let current = crds.get(&name).await.context(|| format!("reading CRD {name}"))?;
+            let established = current
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(TestbedError::Other(format!(
+                    "CRD {name} not Established after {CRD_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(&self.kubectl);
         cmd.arg("--kubeconfig").arg(&self.kubeconfig);

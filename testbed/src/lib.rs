@@ -30,6 +30,42 @@ pub use kafka::Kafka;
 pub use kube_api::KubeApi;
 pub use postgres::Postgres;
 
+/// The outbox table of tests, benchmarks and the demo: Debezium's column names,
+/// a uuid id and a jsonb payload, plus an insert time for latency measurements.
+pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    aggregatetype text NOT NULL,
+    aggregateid text,
+    type text NOT NULL,
+    payload jsonb,
+    headers jsonb,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+)";
+
+/// A free loopback port (bound, then released), e.g. for a worker's HTTP endpoints.
+pub fn free_port() -> Result<u16> {
+    process::free_port()
+}
+
+/// A plain HTTP/1.0 GET on loopback, enough for probes and `/metrics`: the status
+/// code and the body, or `None` while nothing answers.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
 /// The three servers most tests need.
 pub struct TestBed {
     pub pg: Postgres,

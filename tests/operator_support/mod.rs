@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
 use outbox_operator::api::conditions::find;
@@ -22,45 +21,13 @@ use outbox_testbed::{Postgres, TestBed, shared, unique_name};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    aggregatetype text NOT NULL,
-    aggregateid text,
-    type text NOT NULL,
-    payload jsonb,
-    headers jsonb,
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-)";
+pub use outbox_testbed::OUTBOX_DDL;
 
 pub const IMAGE: &str = "example.test/outbox-operator:test";
 pub const SECRET: &str = "pg-credentials";
 
 /// How long the await helpers wait by default.
 pub const WAIT: Duration = Duration::from_secs(60);
-
-pub async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = OutboxRelay::crd();
-    let name = crd.metadata.name.clone().expect("crd name");
-    // Server-side apply: idempotent when several tests of this binary race to install.
-    crds.patch(&name, &PatchParams::apply("outbox-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
-    for _ in 0..100 {
-        let c = crds.get(&name).await.expect("get CRD");
-        let established = c
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("CRD {name} never became Established");
-}
 
 /// One test's namespace, database and running operator.
 pub struct Harness {
@@ -105,7 +72,7 @@ impl Harness {
     /// Like [`Harness::start_with`] but with the database on `pg` (a private server).
     pub async fn start_on(pg: &'static Postgres, bed: &'static TestBed, prefix: &str, opts: Options) -> Harness {
         let client = bed.kube.client().await.expect("kube client");
-        install_crd(&client).await;
+        bed.kube.install_crd(&OutboxRelay::crd()).await.expect("install CRD");
         let ns = unique_name(prefix);
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("namespace");
@@ -412,8 +379,5 @@ pub fn env_of(d: &Deployment) -> BTreeMap<String, Value> {
 
 /// A loopback port nothing listens on.
 pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    drop(l);
-    port
+    outbox_testbed::free_port().expect("free port")
 }

@@ -19,15 +19,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    aggregatetype text NOT NULL,
-    aggregateid text,
-    type text NOT NULL,
-    payload jsonb,
-    headers jsonb,
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-)";
+use outbox_testbed::OUTBOX_DDL;
 
 /// One test's database, topic and relay definition.
 #[derive(Clone)]
@@ -392,30 +384,9 @@ pub fn check_per_key_order(records: &[Consumed]) -> Result<(), String> {
     Ok(())
 }
 
-/// A plain HTTP/1.0 GET on loopback: status code and body.
-pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
-}
-
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    outbox_testbed::free_port().expect("free port")
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
