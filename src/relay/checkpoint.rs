@@ -133,6 +133,15 @@ impl<M> Checkpoints<M> {
         self.txns.len()
     }
 
+    /// The full sequence number of an open transaction from its low `bits` bits
+    /// (delivery tags carry only those). Open transactions span far fewer than
+    /// 2^`bits` numbers, so the one at or after the oldest open transaction is meant;
+    /// this keeps tags unambiguous however long a session runs.
+    pub fn resolve(&self, low: u64, bits: u32) -> TxnSeq {
+        let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+        TxnSeq(self.base + (low.wrapping_sub(self.base) & mask))
+    }
+
     /// Caller data of the oldest unconfirmed transaction.
     pub fn oldest(&self) -> Option<&M> {
         self.txns.front().map(|t| &t.meta)
@@ -220,6 +229,20 @@ mod tests {
         assert!(c.idle_advance(lsn(500)));
         assert_eq!(c.confirmed(), lsn(500));
         assert!(!c.idle_advance(lsn(400)), "never moves backwards");
+    }
+
+    #[test]
+    fn sequence_numbers_resolve_across_the_tag_width() {
+        let mut c: Checkpoints<()> = Checkpoints::new(lsn(0));
+        // Move the base close to a multiple of 2^8 and open transactions across it.
+        for i in 0..250u64 {
+            let t = c.begin(());
+            c.commit(t, lsn(i + 1));
+        }
+        let open: Vec<TxnSeq> = (0..10).map(|_| c.begin(())).collect();
+        for t in &open {
+            assert_eq!(c.resolve(t.as_u64() & 0xff, 8), *t, "seq {}", t.as_u64());
+        }
     }
 
     #[test]

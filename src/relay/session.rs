@@ -114,9 +114,10 @@ struct TxnMeta {
 }
 
 /// What a record's Kafka delivery tag carries, packed into the integer librdkafka
-/// hands back: `| transaction sequence: 36 bits | record size: 27 bits | dead-letter: 1 bit |`.
-/// The size lets the session bound the bytes in flight without a lookup per ack;
-/// 2^36 transactions per session and sizes clamped at 128 MiB are both far beyond use.
+/// hands back: `| transaction sequence, low 36 bits | record size: 27 bits | dead-letter: 1 bit |`.
+/// The size lets the session bound the bytes in flight without a lookup per ack
+/// (sizes clamp at 128 MiB, above the largest record allowed). The sequence is
+/// completed from the open transactions by [`Checkpoints::resolve`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tag {
     txn: TxnSeq,
@@ -126,6 +127,11 @@ struct Tag {
 
 const SIZE_BITS: u32 = 27;
 const SIZE_MAX: u64 = (1 << SIZE_BITS) - 1;
+const SEQ_BITS: u32 = 64 - SIZE_BITS - 1;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+/// Reading pauses at this many open transactions too, so a backlog of
+/// transactions without outbox rows cannot grow the queue without bound.
+const MAX_OPEN_TRANSACTIONS: usize = 100_000;
 
 impl Tag {
     fn new(txn: TxnSeq, size: usize, dead_letter: bool) -> Self {
@@ -137,7 +143,7 @@ impl Tag {
     }
 
     fn encode(self) -> usize {
-        ((self.txn.as_u64() << (SIZE_BITS + 1)) | (self.size << 1) | u64::from(self.dead_letter)) as usize
+        (((self.txn.as_u64() & SEQ_MASK) << (SIZE_BITS + 1)) | (self.size << 1) | u64::from(self.dead_letter)) as usize
     }
 
     fn decode(tag: usize) -> Self {
@@ -274,7 +280,9 @@ impl Session<'_> {
                         self.on_report(report)?;
                     }
                 }
-                msg = reader.next(), if self.cp.in_flight() < max_in_flight && self.bytes_in_flight < max_bytes => {
+                msg = reader.next(), if self.cp.in_flight() < max_in_flight
+                    && self.bytes_in_flight < max_bytes
+                    && self.cp.open_transactions() < MAX_OPEN_TRANSACTIONS => {
                     match msg? {
                         Some(ReplicationMessage::XLogData { wal_end, data, .. }) => {
                             self.received = self.received.max(wal_end);
@@ -548,6 +556,7 @@ impl Session<'_> {
             size,
             dead_letter: dead_lettered,
         } = Tag::decode(report.tag);
+        let txn = self.cp.resolve(txn.as_u64(), SEQ_BITS);
         // Every send adds its size and every report, success or not, takes it back.
         self.bytes_in_flight = self.bytes_in_flight.saturating_sub(size);
         match report.result {
@@ -674,5 +683,11 @@ mod tests {
             "sizes clamp instead of spilling into the sequence"
         );
         assert_eq!(Tag::decode(big.encode()).txn, TxnSeq::from_u64(7));
+        let wrapped = Tag::new(TxnSeq::from_u64(SEQ_MASK + 5), 1, false);
+        assert_eq!(
+            Tag::decode(wrapped.encode()).txn,
+            TxnSeq::from_u64(4),
+            "only the low bits travel"
+        );
     }
 }
