@@ -217,6 +217,8 @@ pub async fn run(
                 Ok((obj, _)) => debug!(relay = %obj, "reconciled"),
                 // Logged with their context by error_policy already.
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A requeue that fires after the object was deleted: expected, nothing to do.
+                Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => debug!(relay = %obj, "already gone"),
                 // Watch trouble (RBAC, API server away): the watches retry with backoff,
                 // but someone should know.
                 Err(e) => warn!(error = %e, "controller"),
