@@ -1,7 +1,6 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -11,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::components::Components;
 use crate::error::{Context, Result, TestbedError};
-use crate::process::{self, Spec, Stop, Supervised, lock};
+use crate::process::{self, Restartable, Spec, Stop, Supervised};
 
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 const TOPIC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,7 +22,7 @@ const TOPIC_TIMEOUT: Duration = Duration::from_secs(30);
 /// a typo in a topic name fails instead of silently producing elsewhere.
 pub struct Kafka {
     // Declared before `dir` so that on drop the broker stops before its files go.
-    server: Mutex<Option<Supervised>>,
+    server: Restartable,
     port: u16,
     java: PathBuf,
     classpath: OsString,
@@ -113,7 +112,7 @@ impl Kafka {
         process::run_logged("kafka storage format", format, &log).await?;
 
         let kafka = Self {
-            server: Mutex::new(None),
+            server: Restartable::new("kafka"),
             port,
             java: c.java.clone(),
             classpath,
@@ -185,7 +184,7 @@ impl Kafka {
             }
         })
         .await?;
-        *lock(&self.server) = Some(server);
+        self.server.set(server);
         Ok(())
     }
 
@@ -249,18 +248,12 @@ impl Kafka {
     }
 
     async fn halt(&self, how: Stop) -> Result<()> {
-        let server = lock(&self.server).take();
-        match server {
-            Some(s) => s.shutdown(how).await,
-            None => Ok(()),
-        }
+        self.server.halt(how).await
     }
 
     /// Starts the broker again with the same data and ports.
     pub async fn start_again(&self) -> Result<()> {
-        if lock(&self.server).is_some() {
-            return Err(TestbedError::Other("kafka is already running".into()));
-        }
+        self.server.ensure_stopped()?;
         self.launch().await
     }
 }

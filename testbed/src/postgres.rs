@@ -1,11 +1,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::components::Components;
-use crate::error::{Context, Result, TestbedError};
-use crate::process::{self, RunAs, Spec, Stop, Supervised, lock};
+use crate::error::{Context, Result};
+use crate::process::{self, Restartable, RunAs, Spec, Stop, Supervised};
 
 const USER: &str = "postgres";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -18,7 +17,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Postgres {
     // Declared before `dir` so that on drop the server is stopped before its
     // directory goes away.
-    server: Mutex<Option<Supervised>>,
+    server: Restartable,
     port: u16,
     password: String,
     bin_dir: PathBuf,
@@ -94,7 +93,7 @@ impl Postgres {
         std::fs::write(&hba_path, hba).context(|| format!("writing {}", hba_path.display()))?;
 
         let pg = Self {
-            server: Mutex::new(None),
+            server: Restartable::new("postgres"),
             port,
             password,
             bin_dir: c.pg_bin.clone(),
@@ -138,7 +137,7 @@ impl Postgres {
             }
         })
         .await?;
-        *lock(&self.server) = Some(server);
+        self.server.set(server);
         Ok(())
     }
 
@@ -224,18 +223,12 @@ impl Postgres {
     }
 
     async fn halt(&self, how: Stop) -> Result<()> {
-        let server = lock(&self.server).take();
-        match server {
-            Some(s) => s.shutdown(how).await,
-            None => Ok(()),
-        }
+        self.server.halt(how).await
     }
 
     /// Starts the server again on the same data dir and port.
     pub async fn start_again(&self) -> Result<()> {
-        if lock(&self.server).is_some() {
-            return Err(TestbedError::Other("postgres is already running".into()));
-        }
+        self.server.ensure_stopped()?;
         self.launch().await
     }
 }

@@ -357,6 +357,42 @@ pub(crate) fn keep_files() -> bool {
     std::env::var_os("OUTBOX_TESTBED_KEEP").is_some_and(|v| !v.is_empty())
 }
 
+/// A server that a test may stop and start again on the same data and ports.
+pub(crate) struct Restartable {
+    name: &'static str,
+    server: Mutex<Option<Supervised>>,
+}
+
+impl Restartable {
+    pub(crate) fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            server: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn set(&self, server: Supervised) {
+        *lock(&self.server) = Some(server);
+    }
+
+    /// Stops the server if it runs; its data dir and ports stay for a relaunch.
+    pub(crate) async fn halt(&self, how: Stop) -> Result<()> {
+        let server = lock(&self.server).take();
+        match server {
+            Some(s) => s.shutdown(how).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses to start a second copy over a running one.
+    pub(crate) fn ensure_stopped(&self) -> Result<()> {
+        if lock(&self.server).is_some() {
+            return Err(TestbedError::Other(format!("{} is already running", self.name)));
+        }
+        Ok(())
+    }
+}
+
 /// Locks a mutex, ignoring poisoning: a test that panicked while holding it leaves
 /// the process handle itself intact.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
