@@ -8,6 +8,7 @@ const ENV_PG_BIN: &str = "OUTBOX_TESTBED_PG_BIN";
 const ENV_ETCD: &str = "OUTBOX_TESTBED_ETCD";
 const ENV_KUBE_APISERVER: &str = "OUTBOX_TESTBED_KUBE_APISERVER";
 const ENV_KUBECTL: &str = "OUTBOX_TESTBED_KUBECTL";
+const ENV_HELM: &str = "OUTBOX_TESTBED_HELM";
 const ENV_KAFKA_LIBS: &str = "OUTBOX_TESTBED_KAFKA_LIBS";
 const ENV_JAVA: &str = "OUTBOX_TESTBED_JAVA";
 
@@ -22,6 +23,8 @@ pub struct Components {
     pub etcd: PathBuf,
     pub kube_apiserver: PathBuf,
     pub kubectl: PathBuf,
+    /// Renders and lints the chart in `charts/outbox-operator`.
+    pub helm: PathBuf,
     /// Directory of the Kafka broker's jars (the classpath).
     pub kafka_libs: PathBuf,
     pub java: PathBuf,
@@ -66,6 +69,7 @@ impl Components {
             etcd: get(ENV_ETCD, "etcd")?,
             kube_apiserver: get(ENV_KUBE_APISERVER, "kube-apiserver")?,
             kubectl: get(ENV_KUBECTL, "kubectl")?,
+            helm: get(ENV_HELM, "helm")?,
             kafka_libs: get(ENV_KAFKA_LIBS, "kafka")?,
             java: get(ENV_JAVA, "java")?,
         };
@@ -80,6 +84,7 @@ impl Components {
         executable("etcd", &self.etcd)?;
         executable("kube-apiserver", &self.kube_apiserver)?;
         executable("kubectl", &self.kubectl)?;
+        executable("helm", &self.helm)?;
         executable("java", &self.java)?;
         let has_kafka_jar = std::fs::read_dir(&self.kafka_libs)
             .map(|entries| {

@@ -28,6 +28,7 @@ pub struct KubeApi {
     token: String,
     kubeconfig: PathBuf,
     kubectl: PathBuf,
+    helm: PathBuf,
     apiserver_log: PathBuf,
     etcd_log: PathBuf,
     _dir: tempfile::TempDir,
@@ -157,6 +158,7 @@ impl KubeApi {
             token,
             kubeconfig,
             kubectl: c.kubectl.clone(),
+            helm: c.helm.clone(),
             apiserver_log,
             etcd_log,
             _dir: dir,
@@ -174,7 +176,6 @@ impl KubeApi {
         &self.kubeconfig
     }
 
-    /// `kubectl --kubeconfig <this server's kubeconfig>`; add arguments and run.
     /// Installs (server-side applies) a CRD and waits until it is Established, so
     /// resources of its kind can be created right after. Idempotent, so the tests of
     /// one binary may race to install the same CRD.
@@ -206,9 +207,23 @@ impl KubeApi {
         }
     }
 
+    /// `kubectl --kubeconfig <this server's kubeconfig>`; add arguments and run.
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(&self.kubectl);
         cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
+    /// `helm --kubeconfig <this server's kubeconfig>`, with helm's cache, config and
+    /// data dirs in this server's temporary directory so the user's stay untouched.
+    pub fn helm(&self) -> Command {
+        let home = self.kubeconfig.with_file_name("helm");
+        let mut cmd = Command::new(&self.helm);
+        cmd.env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig);
         cmd
     }
 
