@@ -325,6 +325,16 @@ pub(crate) mod tests {
         ])
     }
 
+    /// A mapper for the Debezium table with default columns and one static topic.
+    fn static_mapper(payload_oid: u32, topic: &str) -> Mapper {
+        Mapper::new(
+            &debezium_relation(payload_oid),
+            &ColumnMapping::default(),
+            &Destination::Static(topic.into()),
+        )
+        .unwrap()
+    }
+
     fn row(values: &[Option<&str>]) -> TupleData {
         TupleData {
             columns: values
@@ -339,12 +349,7 @@ pub(crate) mod tests {
 
     #[test]
     fn maps_debezium_columns_to_a_record() {
-        let mut m = Mapper::new(
-            &debezium_relation(3802),
-            &ColumnMapping::default(),
-            &Destination::Static("orders".into()),
-        )
-        .unwrap();
+        let mut m = static_mapper(3802, "orders");
         let r = m
             .map(&row(&[
                 Some("e1"),
@@ -410,12 +415,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bytea_payload_is_decoded() {
-        let mut m = Mapper::new(
-            &debezium_relation(BYTEA_OID),
-            &ColumnMapping::default(),
-            &Destination::Static("t".into()),
-        )
-        .unwrap();
+        let mut m = static_mapper(BYTEA_OID, "t");
         let r = m
             .map(&row(&[
                 Some("e"),
@@ -468,12 +468,7 @@ pub(crate) mod tests {
 
     #[test]
     fn null_payload_is_a_tombstone_and_null_key_is_unkeyed() {
-        let mut m = Mapper::new(
-            &debezium_relation(25),
-            &ColumnMapping::default(),
-            &Destination::Static("t".into()),
-        )
-        .unwrap();
+        let mut m = static_mapper(25, "t");
         let r = m
             .map(&row(&[Some("e"), Some("A"), None, Some("t"), None, None]))
             .unwrap();
