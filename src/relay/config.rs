@@ -219,17 +219,16 @@ impl RelayConfig {
         if spec.delivery.poison_policy == PoisonPolicy::DeadLetter && spec.delivery.dead_letter_topic.is_none() {
             return Err(ConfigError::NoDeadLetterTopic);
         }
-        let port = u16::try_from(spec.database.port)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or(ConfigError::InvalidPort(spec.database.port))?;
-        let mut replication =
-            ReplicationConfig::new(&spec.database.host, port, &creds.db_username, &spec.database.database);
-        replication.password = creds.db_password.clone();
-        let application_name = format!("outbox-relay/{namespace}/{name}");
-        replication.application_name = application_name.clone();
-        replication.ssl_mode = spec.database.tls.mode;
-        replication.ca_pem = creds.pg_ca_pem.clone();
+        // One set of connection settings; the replication connection derives from it.
+        let sql = PgConnectConfig::from_spec(
+            &spec.database,
+            &creds.db_username,
+            creds.db_password.clone(),
+            creds.pg_ca_pem.clone(),
+            format!("outbox-relay/{namespace}/{name}"),
+        )
+        .map_err(|_| ConfigError::InvalidPort(spec.database.port))?;
+        let replication = ReplicationConfig::from_connect(&sql);
 
         let p = &spec.kafka.producer;
         let s = &spec.kafka.security;
@@ -247,16 +246,7 @@ impl RelayConfig {
                 .publication_name
                 .clone()
                 .unwrap_or_else(|| default_publication_name(namespace, name)),
-            sql: PgConnectConfig {
-                host: spec.database.host.clone(),
-                port,
-                dbname: spec.database.database.clone(),
-                user: creds.db_username.clone(),
-                password: creds.db_password.clone(),
-                ssl_mode: spec.database.tls.mode,
-                ca_pem: creds.pg_ca_pem.clone(),
-                application_name,
-            },
+            sql,
             table,
             columns: spec.outbox.columns.clone(),
             destination,

@@ -81,6 +81,17 @@ pub struct ReplicationConfig {
 }
 
 impl ReplicationConfig {
+    /// The same server, credentials and TLS policy as an ordinary SQL connection,
+    /// with the replication client's default connect timeout.
+    pub fn from_connect(c: &crate::postgres::PgConnectConfig) -> Self {
+        let mut r = Self::new(&c.host, c.port, &c.user, &c.dbname);
+        r.password = c.password.clone();
+        r.application_name = c.application_name.clone();
+        r.ssl_mode = c.ssl_mode;
+        r.ca_pem = c.ca_pem.clone();
+        r
+    }
+
     /// A config with libpq-like defaults: TLS preferred, no password, a 30 s
     /// connect timeout.
     pub fn new(host: impl Into<String>, port: u16, user: impl Into<String>, dbname: impl Into<String>) -> Self {

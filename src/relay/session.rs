@@ -366,10 +366,10 @@ impl Session<'_> {
                 match mapper.map(&i.new) {
                     Ok(record) => {
                         let id = record.event_id.clone();
-                        self.produce(txn, &record).await?;
+                        let size = self.produce(txn, &record).await?;
                         if let Some(meta) = self.cp.meta_mut(txn) {
                             meta.events += 1;
-                            meta.bytes += record.size() as u64;
+                            meta.bytes += size as u64;
                             if self.deletions.is_some()
                                 && let Some(id) = id
                             {
@@ -423,21 +423,23 @@ impl Session<'_> {
         (record, id)
     }
 
-    async fn produce(&mut self, txn: TxnSeq, r: &OutboxRecord) -> Result<(), RelayError> {
-        if r.size() > self.cfg.max_message_bytes {
+    /// Sends one record (or hands it to the poison policy); returns its size.
+    async fn produce(&mut self, txn: TxnSeq, r: &OutboxRecord) -> Result<usize, RelayError> {
+        let size = r.size();
+        if size > self.cfg.max_message_bytes {
             let reason = format!(
-                "record is {} bytes, more than maxMessageBytes {}",
-                r.size(),
+                "record is {size} bytes, more than maxMessageBytes {}",
                 self.cfg.max_message_bytes
             );
-            return self.refuse(
+            self.refuse(
                 txn,
                 failed_record(r),
                 r.event_id_str(),
                 "MessageTooLarge",
                 reason,
                 false,
-            );
+            )?;
+            return Ok(size);
         }
         let mut h = OwnedHeaders::new_with_capacity(2 + r.extra_headers.len());
         if let Some(id) = &r.event_id {
@@ -458,7 +460,6 @@ impl Session<'_> {
                 value: Some(&v[..]),
             });
         }
-        let size = r.size();
         let mut record = BaseRecord::with_opaque_to(&r.topic, Tag::new(txn, size, false).encode()).headers(h);
         if let Some(k) = &r.key {
             record = record.key(&k[..]);
@@ -474,7 +475,7 @@ impl Session<'_> {
                     }
                     self.cp.add_record(txn);
                     self.bytes_in_flight += size as u64;
-                    return Ok(());
+                    return Ok(size);
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // The in-flight bound sits below librdkafka's queue size, so
@@ -485,14 +486,15 @@ impl Session<'_> {
                 Err((e, _)) => {
                     let kind = DeliveryErrorKind::classify(&e);
                     if kind.is_poison() {
-                        return self.refuse(
+                        self.refuse(
                             txn,
                             failed_record(r),
                             r.event_id_str(),
                             kind.category(),
                             e.to_string(),
                             false,
-                        );
+                        )?;
+                        return Ok(size);
                     }
                     return Err(RelayError::Delivery(e.to_string()));
                 }
