@@ -154,7 +154,11 @@ pub struct OperatorMetrics {
     pub slot_retained_bytes: Family<RelayLabels, Gauge>,
     pub slot_active: Family<RelayLabels, Gauge>,
     pub slot_wal_lost: Family<RelayLabels, Gauge>,
+    pub slot_lost: Family<RelayLabels, Gauge>,
+    pub conflict: Family<RelayLabels, Gauge>,
     pub ready: Family<RelayLabels, Gauge>,
+    pub deletions_dropped_unrelayed: Counter,
+    pub unrelayed_events_dropped: Counter,
     registry: Arc<Registry>,
 }
 
@@ -165,6 +169,10 @@ pub struct RelayGauges {
     /// `None` when the slot could not be read this time: the slot series keep their
     /// last values rather than drop to zero, which would look like a caught-up relay.
     pub slot: Option<SlotGauges>,
+    /// `SlotLost` or `DatabaseChanged`: events may be missing.
+    pub slot_lost: bool,
+    /// Another relay holds the slot or publication this relay names.
+    pub conflict: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -186,7 +194,11 @@ impl OperatorMetrics {
         let slot_retained_bytes = Family::<RelayLabels, Gauge>::default();
         let slot_active = Family::<RelayLabels, Gauge>::default();
         let slot_wal_lost = Family::<RelayLabels, Gauge>::default();
+        let slot_lost = Family::<RelayLabels, Gauge>::default();
+        let conflict = Family::<RelayLabels, Gauge>::default();
         let ready = Family::<RelayLabels, Gauge>::default();
+        let deletions_dropped_unrelayed = Counter::default();
+        let unrelayed_events_dropped = Counter::default();
 
         let mut r = Registry::with_prefix("outbox_operator");
         r.register(
@@ -224,7 +236,28 @@ impl OperatorMetrics {
             "1 when PostgreSQL removed WAL the slot still needed (wal_status lost)",
             slot_wal_lost.clone(),
         );
+        r.register(
+            "slot_lost",
+            "1 while the relay's slot is lost (gone, WAL removed, publication dropped) or the server changed: \
+             events may be missing and the status says from where",
+            slot_lost.clone(),
+        );
+        r.register(
+            "conflict",
+            "1 while another relay holds the slot or publication this relay names",
+            conflict.clone(),
+        );
         r.register("ready", "1 while the relay's Ready condition is True", ready.clone());
+        r.register(
+            "deletions_dropped_unrelayed",
+            "Deletions that dropped a slot before everything in it was relayed (forced or timed out)",
+            deletions_dropped_unrelayed.clone(),
+        );
+        r.register(
+            "unrelayed_events_dropped",
+            "Outbox events such deletions dropped unrelayed",
+            unrelayed_events_dropped.clone(),
+        );
 
         Self {
             reconcile_duration_seconds,
@@ -234,7 +267,11 @@ impl OperatorMetrics {
             slot_retained_bytes,
             slot_active,
             slot_wal_lost,
+            slot_lost,
+            conflict,
             ready,
+            deletions_dropped_unrelayed,
+            unrelayed_events_dropped,
             registry: Arc::new(r),
         }
     }
@@ -264,6 +301,8 @@ impl OperatorMetrics {
             name: name.to_string(),
         };
         self.ready.get_or_create(&l).set(i64::from(g.ready));
+        self.slot_lost.get_or_create(&l).set(i64::from(g.slot_lost));
+        self.conflict.get_or_create(&l).set(i64::from(g.conflict));
         if let Some(s) = &g.slot {
             self.slot_lag_bytes.get_or_create(&l).set(s.lag_bytes);
             self.slot_retained_bytes.get_or_create(&l).set(s.retained_bytes);
@@ -283,6 +322,14 @@ impl OperatorMetrics {
         self.slot_retained_bytes.remove(&l);
         self.slot_active.remove(&l);
         self.slot_wal_lost.remove(&l);
+        self.slot_lost.remove(&l);
+        self.conflict.remove(&l);
+    }
+
+    /// A deletion that dropped `events` outbox events unrelayed.
+    pub fn dropped_unrelayed(&self, events: u64) {
+        self.deletions_dropped_unrelayed.inc();
+        self.unrelayed_events_dropped.inc_by(events);
     }
 
     /// The OpenMetrics text exposition.
@@ -352,6 +399,8 @@ mod tests {
                     active: true,
                     wal_lost: false,
                 }),
+                slot_lost: true,
+                conflict: false,
             },
         );
         let text = m.encode();
@@ -364,6 +413,8 @@ mod tests {
             "outbox_operator_slot_active{namespace=\"shop\",name=\"orders\"} 1",
             "outbox_operator_slot_wal_lost{namespace=\"shop\",name=\"orders\"} 0",
             "outbox_operator_ready{namespace=\"shop\",name=\"orders\"} 1",
+            "outbox_operator_slot_lost{namespace=\"shop\",name=\"orders\"} 1",
+            "outbox_operator_conflict{namespace=\"shop\",name=\"orders\"} 0",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

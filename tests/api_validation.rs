@@ -262,29 +262,102 @@ async fn invalid_resources_are_refused_naming_the_field() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Identity fields: (what, created with, merge patch, text of the refusal).
+fn identity_changes() -> Vec<(&'static str, Option<(&'static str, Value)>, Value, &'static str)> {
+    let slot = Some(("spec.replication.slotName", json!("pinned_slot")));
+    let publication = Some(("spec.replication.publicationName", json!("pinned_pub")));
+    vec![
+        (
+            "change host",
+            None,
+            json!({"spec": {"database": {"host": "elsewhere"}}}),
+            "spec.database (host, port, database) is immutable",
+        ),
+        (
+            "change port",
+            None,
+            json!({"spec": {"database": {"port": 6543}}}),
+            "spec.database (host, port, database) is immutable",
+        ),
+        (
+            "change database",
+            None,
+            json!({"spec": {"database": {"database": "other"}}}),
+            "spec.database (host, port, database) is immutable",
+        ),
+        (
+            "change table",
+            None,
+            json!({"spec": {"outbox": {"table": "public.other"}}}),
+            "spec.outbox.table is immutable",
+        ),
+        (
+            "add slotName",
+            None,
+            json!({"spec": {"replication": {"slotName": "new_slot"}}}),
+            "slotName is immutable",
+        ),
+        (
+            "remove slotName",
+            slot.clone(),
+            json!({"spec": {"replication": {"slotName": null}}}),
+            "slotName is immutable",
+        ),
+        (
+            "change slotName",
+            slot,
+            json!({"spec": {"replication": {"slotName": "other_slot"}}}),
+            "slotName is immutable",
+        ),
+        (
+            "add publicationName",
+            None,
+            json!({"spec": {"replication": {"publicationName": "new_pub"}}}),
+            "publicationName is immutable",
+        ),
+        (
+            "remove publicationName",
+            publication.clone(),
+            json!({"spec": {"replication": {"publicationName": null}}}),
+            "publicationName is immutable",
+        ),
+        (
+            "change publicationName",
+            publication,
+            json!({"spec": {"replication": {"publicationName": "other_pub"}}}),
+            "publicationName is immutable",
+        ),
+    ]
+}
+
 #[tokio::test]
-async fn slot_name_cannot_change_after_creation() {
+async fn identity_cannot_change_after_creation() {
     let bed = shared().await;
     let client = bed.kube.client().await.expect("client");
     bed.kube.install_crd(&OutboxRelay::crd()).await.expect("install CRD");
     let ns = namespace(&client).await;
     let api = dynamic_api(&client, &ns);
-    create(
-        &api,
-        with(valid("pinned"), "spec.replication.slotName", json!("pinned_slot")),
-    )
-    .await
-    .expect("create");
-    let patch = json!({"spec": {"replication": {"slotName": "other_slot"}}});
-    let err = api
-        .patch("pinned", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect_err("slot rename must be refused");
-    assert!(err.to_string().contains("slotName is immutable"), "{err}");
-    // Other fields stay editable.
-    let ok = json!({"spec": {"kafka": {"producer": {"lingerMs": 20}}}});
-    api.patch("pinned", &PatchParams::default(), &Patch::Merge(&ok))
-        .await
-        .expect("other edits allowed");
+    let mut failures = Vec::new();
+    for (i, (what, created_with, patch, expect)) in identity_changes().into_iter().enumerate() {
+        let name = format!("id-{i}");
+        let obj = match created_with {
+            Some((path, value)) => with(valid(&name), path, value),
+            None => valid(&name),
+        };
+        create(&api, obj)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: create: {e}"));
+        match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => failures.push(format!("{what}: accepted")),
+            Err(e) if e.to_string().contains(expect) && e.to_string().contains("create a new OutboxRelay") => {}
+            Err(e) => failures.push(format!("{what}: refused, but the message lacks {expect:?}: {e}")),
+        }
+        // Other fields stay editable.
+        let ok = json!({"spec": {"kafka": {"producer": {"lingerMs": 20}}, "drainTimeoutSeconds": 30}});
+        if let Err(e) = api.patch(&name, &PatchParams::default(), &Patch::Merge(&ok)).await {
+            failures.push(format!("{what}: an unrelated edit was refused: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(OutboxRelay::kind(&()), "OutboxRelay");
 }

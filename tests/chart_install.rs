@@ -191,6 +191,7 @@ fn operator_metric_names() -> BTreeSet<String> {
         &RelayGauges {
             ready: true,
             slot: Some(slot),
+            ..RelayGauges::default()
         },
     );
     m.encode()

@@ -6,7 +6,7 @@
 mod operator_support;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use operator_support::{Harness, Options, SECRET, closed_port, condition};
 use outbox_testbed::{Components, Postgres, shared};
 use serde_json::json;
@@ -41,18 +41,27 @@ async fn missing_secret_is_named_and_healed_when_created() {
         .await;
     h.await_deployment("orders-relay").await;
 
-    // A Secret without the key the spec names.
+    // The operator guards the Secret its cleanup needs: a delete leaves it in place
+    // (Terminating) while the relay lives, like a PersistentVolumeClaim in use.
     let secrets: Api<Secret> = Api::namespaced(h.client.clone(), &h.ns);
+    let guarded = secrets.get(SECRET).await.expect("get secret");
+    assert!(
+        guarded
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == "outbox.dev/in-use"),
+        "{:?}",
+        guarded.metadata.finalizers
+    );
+
+    // A Secret without the key the spec names.
+    let patch = json!({"data": {"password": null}});
     secrets
-        .delete(SECRET, &DeleteParams::default())
+        .patch(SECRET, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .expect("delete secret");
-    let s: Secret = serde_json::from_value(json!({
-        "metadata": {"name": SECRET},
-        "stringData": {"username": h.pg.user()}
-    }))
-    .expect("secret");
-    secrets.create(&Default::default(), &s).await.expect("create secret");
+        .expect("drop the password key");
     let r = h
         .await_condition("orders", "Ready", "False", Some("SecretKeyMissing"))
         .await;

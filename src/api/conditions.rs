@@ -41,6 +41,14 @@ pub mod reasons {
     pub const WORKER_PROGRESSING: &str = "WorkerProgressing";
     pub const WORKER_UNAVAILABLE: &str = "WorkerUnavailable";
     pub const NOT_READY: &str = "NotReady";
+    /// Another relay owns (or holds first) the slot or publication this relay names.
+    pub const CONFLICT: &str = "Conflict";
+    /// The relay's slot is gone, lost its WAL, or lost its publication.
+    pub const SLOT_LOST: &str = "SlotLost";
+    /// The database server is not the one the slot was made on.
+    pub const DATABASE_CHANGED: &str = "DatabaseChanged";
+    /// Deletion waits for the worker to relay what was written before it.
+    pub const DRAINING: &str = "Draining";
 }
 
 /// A condition as a reconciler wants it, before timestamps.

@@ -5,6 +5,7 @@
 //! time with a message that names the field, instead of surfacing later as a
 //! failed reconcile.
 
+pub mod annotations;
 pub mod conditions;
 pub mod names;
 
@@ -72,6 +73,16 @@ pub const PROTECTED_PRODUCER_KEYS: &[&str] = &[
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+// Identity: the slot holds this relay's unread events, and it lives in one database for
+// one table under one name. Changing any of these would leave the old slot's backlog
+// behind (or confirm it away) without a word, so the API server refuses the change,
+// also when an optional name is added or removed. The rules sit on the spec, a parent
+// that always exists, because a rule on an optional field never runs when that field
+// is added or removed.
+#[x_kube(validation = Rule::new("self.database.host == oldSelf.database.host && self.database.port == oldSelf.database.port && self.database.database == oldSelf.database.database").message("spec.database (host, port, database) is immutable: the relay's slot and its unread events live in that database; create a new OutboxRelay for another database").field_path(".database"))]
+#[x_kube(validation = Rule::new("self.outbox.table == oldSelf.outbox.table").message("spec.outbox.table is immutable: the relay's slot streams that table; create a new OutboxRelay for another table").field_path(".outbox.table"))]
+#[x_kube(validation = Rule::new("(has(self.replication) && has(self.replication.slotName)) == (has(oldSelf.replication) && has(oldSelf.replication.slotName)) && (!(has(self.replication) && has(self.replication.slotName)) || self.replication.slotName == oldSelf.replication.slotName)").message("spec.replication.slotName is immutable, also when it is added or removed: a new slot would start at the current WAL position and skip the old slot's unread events; create a new OutboxRelay instead").field_path(".replication.slotName"))]
+#[x_kube(validation = Rule::new("(has(self.replication) && has(self.replication.publicationName)) == (has(oldSelf.replication) && has(oldSelf.replication.publicationName)) && (!(has(self.replication) && has(self.replication.publicationName)) || self.replication.publicationName == oldSelf.replication.publicationName)").message("spec.replication.publicationName is immutable, also when it is added or removed: the slot decodes through it; create a new OutboxRelay instead").field_path(".replication.publicationName"))]
 pub struct OutboxRelaySpec {
     /// The PostgreSQL database that holds the outbox table.
     pub database: DatabaseSpec,
@@ -90,12 +101,23 @@ pub struct OutboxRelaySpec {
     /// `Retain` keeps them, e.g. to hand the slot to another relay.
     #[serde(default)]
     pub cleanup_policy: CleanupPolicy,
+    /// With `cleanupPolicy: Delete`, how long deletion waits for the worker to relay every
+    /// event written before the delete, before it drops the slot anyway (and says in a
+    /// Warning Event which events were dropped unrelayed). The annotation
+    /// `outbox.dev/force-delete: "true"` ends the wait at once.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub drain_timeout_seconds: i64,
     /// The worker pods that run the relay.
     #[serde(default)]
     pub worker: WorkerSpec,
     /// Stops the worker (scales it to zero) while keeping the slot, so no event is lost.
     #[serde(default)]
     pub suspend: bool,
+}
+
+fn default_drain_timeout() -> i64 {
+    600
 }
 
 /// Connection to PostgreSQL. Credentials always come from a Secret.
@@ -433,12 +455,13 @@ impl SaslMechanism {
 #[serde(rename_all = "camelCase")]
 pub struct ReplicationSpec {
     /// Logical replication slot. Defaults to one derived from namespace and name.
-    /// Cannot change after creation: a new slot would start from the current WAL position and skip events.
+    /// Cannot change after creation (nor be added or removed): a new slot would start from
+    /// the current WAL position and skip events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9_]{1,63}$"))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("slotName is immutable"))]
     pub slot_name: Option<String>,
     /// Publication for the outbox table. Defaults to one derived from namespace and name.
+    /// Cannot change after creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9_]{1,63}$"))]
     pub publication_name: Option<String>,
@@ -572,6 +595,54 @@ pub struct OutboxRelayStatus {
     /// Commit time of the last event the relay delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_time: Option<Time>,
+    /// Which PostgreSQL objects this relay owns, and the slot's identity: what loss
+    /// detection compares against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<BindingStatus>,
+    /// Progress of a deletion that drains the slot before dropping it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainStatus>,
+    /// Secrets that carry the operator's `outbox.dev/in-use` finalizer because
+    /// deleting this relay needs them (the database credentials and CA): a namespace
+    /// deletion then cannot remove them before the relay's cleanup ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protected_secrets: Vec<String>,
+}
+
+/// The relay's PostgreSQL objects and the identity of its slot, recorded when the
+/// operator created (or adopted) the slot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BindingStatus {
+    /// Replication slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// The server's system identifier (`pg_control_system()`): it changes when the
+    /// database is replaced by another cluster, never on a physical failover.
+    pub system_identifier: String,
+    /// Database the slot belongs to.
+    pub database: String,
+    /// WAL position at which the slot started: events committed before it were never
+    /// this slot's to relay.
+    pub slot_created_lsn: String,
+    /// When the operator created the slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_created_at: Option<Time>,
+    /// Value of the `outbox.dev/recreate-slot` annotation last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreated_for: Option<String>,
+}
+
+/// A deletion in progress: the operator waits until the slot's confirmed position
+/// reaches `targetLsn` before it drops the slot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainStatus {
+    /// The server's WAL position when the deletion was first seen.
+    pub target_lsn: String,
+    /// When the drain started.
+    pub started_at: Time,
 }
 
 /// What PostgreSQL says about the slot.

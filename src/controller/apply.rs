@@ -1,11 +1,11 @@
-//! Step 4: make the world match: server-side apply the worker Deployment, and
-//! provision the publication and slot in PostgreSQL.
+//! Step 4: make the world match: provision the publication and slot in PostgreSQL
+//! (through [`binding`], which checks ownership and identity first), then
+//! server-side apply the worker Deployment.
 //!
 //! Both happen on every reconcile, suspended or not: the apply is a no-op when
 //! nothing changed, and the slot must exist even while no worker runs, or events
-//! written in the meantime would be lost. The two run side by side, since neither
-//! depends on the other; a failure of one does not stop the other (a suspend must
-//! take effect even while the database is down).
+//! written in the meantime would be lost. A failure of provisioning does not stop
+//! the apply (a suspend must take effect even while the database is down).
 
 use std::future::Future;
 use std::time::Duration;
@@ -14,10 +14,19 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
+use std::collections::BTreeSet;
+
+use kube::runtime::reflector::ObjectRef;
+
 use super::status::{DatabaseObservation, Observed, Problem, WorkerObservation};
-use super::validate::DatabaseTarget;
-use super::{ApiFailure, Context, Error as ReconcileError, FIELD_MANAGER, api_call, build, dereference, validate};
-use crate::api::OutboxRelay;
+use super::validate::Validated;
+use super::{
+    ApiFailure, Context, Error as ReconcileError, FIELD_MANAGER, api_call, build, conflicts, dereference, problems,
+    validate,
+};
+use crate::api::conditions::reasons;
+use crate::api::{OutboxRelay, annotations};
+use crate::postgres::binding::{self, Bound, Intent, Observation, Owner, Refusal, Take};
 use crate::postgres::{self, PgError, SlotInfo};
 
 /// Budget of each provisioning statement. Creating the slot gets more: PostgreSQL
@@ -61,16 +70,25 @@ impl Error {
 pub struct Outcome {
     pub observed: Observed,
     pub error: Option<ReconcileError>,
+    /// How the relay came to own its slot in this pass, for an Event.
+    pub take: Option<Take>,
 }
 
-/// Runs dereference, validate, build and apply, collecting what the status needs.
+/// Runs dereference, validate, the conflict check, provisioning and the Deployment
+/// apply, collecting what the status needs.
+///
+/// Provisioning runs before the Deployment is applied: a relay whose objects belong
+/// to another relay must not get a running worker (it would stream, and confirm,
+/// another relay's slot), so its Deployment is applied with zero replicas.
 pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
     let namespace = relay.namespace().unwrap_or_default();
     let prepared = match dereference::dereference(&ctx.client, &namespace, &relay.spec).await {
-        Ok(secrets) => validate::validate(relay, &secrets, &ctx.config.relay_image).map_err(ReconcileError::from),
+        Ok(secrets) => validate::validate(relay, &secrets, &ctx.config.relay_image)
+            .map(|v| (v, secrets))
+            .map_err(ReconcileError::from),
         Err(e) => Err(ReconcileError::from(e)),
     };
-    let v = match prepared {
+    let (v, secrets) = match prepared {
         Ok(v) => v,
         Err(e) => {
             // Nothing to apply; still report the worker as it stands.
@@ -85,29 +103,67 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
                     worker,
                 },
                 error: Some(e),
+                take: None,
             };
         }
     };
+    super::secrets::guard(ctx, relay, &secrets).await;
 
-    let desired = build::deployment(&v);
-    let (applied, provisioned) = tokio::join!(apply_deployment(&ctx.client, &desired), provision(&v.database));
-
-    let mut error = None;
-    let database = match provisioned {
-        Ok(slot) => DatabaseObservation::Provisioned {
-            table: v.database.table.unquoted(),
-            publication: v.database.publication.clone(),
-            slot_name: v.database.slot.clone(),
-            slot,
+    let others = ctx.relays.state();
+    let cached = conflicts::find(relay, others.iter().map(|r| &**r));
+    let (database, take, mut error) = match cached {
+        Some(c) => (
+            DatabaseObservation::Unbound {
+                problem: problems::cache_conflict(&c),
+                slot: None,
+                binding: None,
+            },
+            None,
+            None,
+        ),
+        None => match provision(relay, ctx, &v).await {
+            Ok(Provision::Bound(b)) => (
+                DatabaseObservation::Provisioned {
+                    table: v.database.table.unquoted(),
+                    publication: v.database.publication.clone(),
+                    slot_name: v.database.slot.clone(),
+                    slot: b.slot,
+                    binding: b.identity,
+                },
+                b.take,
+                None,
+            ),
+            Ok(Provision::Refused { refusal, slot }) => (
+                DatabaseObservation::Unbound {
+                    problem: problems::refusal(relay, &v.database, &refusal),
+                    slot,
+                    binding: match &refusal {
+                        Refusal::Lost { recorded, .. } | Refusal::DatabaseChanged { recorded, .. } => {
+                            Some(recorded.clone())
+                        }
+                        Refusal::Conflict { .. } => None,
+                    },
+                },
+                None,
+                None,
+            ),
+            Err(e) => {
+                let e = ReconcileError::from(e);
+                (DatabaseObservation::Failed(Problem::of(&e)), None, Some(e))
+            }
         },
-        Err(e) => {
-            let e = ReconcileError::from(e);
-            let obs = DatabaseObservation::Failed(Problem::of(&e));
-            error = Some(e);
-            obs
-        }
     };
-    let worker = match applied {
+
+    let stand_down =
+        matches!(&database, DatabaseObservation::Unbound { problem, .. } if problem.reason == reasons::CONFLICT);
+    let desired = if stand_down {
+        let mut idle = v.clone();
+        idle.spec.suspend = true;
+        build::deployment(&idle)
+    } else {
+        build::deployment(&v)
+    };
+    let worker = match apply_deployment(&ctx.client, &desired).await {
         Ok(d) => worker_observation(relay, Some(&d)),
         Err(e) => {
             let e = ReconcileError::from(e);
@@ -119,6 +175,7 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
     Outcome {
         observed: Observed { database, worker },
         error,
+        take,
     }
 }
 
@@ -166,8 +223,21 @@ pub async fn get_deployment(client: &Client, namespace: &str, name: &str) -> Res
     api_call(api.get_opt(name)).await
 }
 
-/// Checks the prerequisites, ensures publication and slot, and reads the slot.
-pub async fn provision(target: &DatabaseTarget) -> Result<Option<SlotInfo>, Error> {
+/// What provisioning decided.
+pub enum Provision {
+    Bound(Bound),
+    /// The relay may not use its objects (conflict or loss); `slot` is what the
+    /// server says about the slot, if it exists.
+    Refused {
+        refusal: Refusal,
+        slot: Option<SlotInfo>,
+    },
+}
+
+/// Checks the prerequisites, then lets the binding decide and carry out what the
+/// relay may do with its publication and slot.
+pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Result<Provision, Error> {
+    let target = &v.database;
     let client = timed(
         "connecting",
         postgres::CONNECT_TIMEOUT + Duration::from_secs(2),
@@ -182,29 +252,98 @@ pub async fn provision(target: &DatabaseTarget) -> Result<Option<SlotInfo>, Erro
         postgres::check_prerequisites(&client, &target.table, &target.columns, &target.slot),
     )
     .await?;
-    timed(
-        "ensuring the publication",
-        CHECK_TIMEOUT,
-        "; a lock on the outbox table may be blocking it",
-        postgres::ensure_publication(&client, &target.publication, &target.table),
-    )
-    .await?;
-    timed(
-        "creating the replication slot",
-        SLOT_CREATE_TIMEOUT,
-        "; PostgreSQL waits for transactions running at that moment to end: look for long-running \
-         transactions in pg_stat_activity",
-        postgres::ensure_slot(&client, &target.slot),
-    )
-    .await?;
-    let slot = timed(
-        "reading the slot's status",
+    let owner = owner_of(relay);
+    let t = binding::Target {
+        owner: &owner,
+        slot: &target.slot,
+        publication: &target.publication,
+        table: &target.table,
+    };
+    let obs = timed(
+        "reading the slot and publication",
         CHECK_TIMEOUT,
         "",
-        postgres::slot_status(&client, &target.slot),
+        binding::inspect(&client, &t),
     )
     .await?;
-    Ok(slot)
+    let intent = intent(relay, ctx, &target.slot, &obs).await;
+    match binding::decide(&owner, &target.slot, &target.publication, &obs, &intent) {
+        Err(refusal) => Ok(Provision::Refused {
+            refusal,
+            slot: obs.slot.clone(),
+        }),
+        Ok(steps) => {
+            let bound = timed(
+                "ensuring the publication and the replication slot",
+                SLOT_CREATE_TIMEOUT,
+                "; creating a slot waits for transactions running at that moment to end: look for \
+                 long-running transactions in pg_stat_activity, or a lock on the outbox table",
+                binding::bind(&client, &t, &obs, steps, &super::status::now()),
+            )
+            .await?;
+            Ok(Provision::Bound(bound))
+        }
+    }
+}
+
+/// The relay as ownership records name it.
+pub fn owner_of(relay: &OutboxRelay) -> Owner {
+    Owner {
+        uid: relay.uid().unwrap_or_default(),
+        namespace: relay.namespace().unwrap_or_default(),
+        name: relay.name_any(),
+    }
+}
+
+/// What the relay remembers (status) and asks for (annotations), and which owners
+/// named in records no longer exist.
+pub async fn intent(relay: &OutboxRelay, ctx: &Context, slot: &str, obs: &Observation) -> Intent {
+    let status = relay.status.as_ref();
+    let recorded = status.and_then(|s| s.binding.clone());
+    // An operator version without ownership records left only `status.slot`.
+    let legacy = recorded.is_none() && status.and_then(|s| s.slot.as_ref()).is_some_and(|s| s.name == slot);
+    let recreate = annotations::get(&relay.metadata, annotations::RECREATE_SLOT)
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .filter(|v| recorded.as_ref().and_then(|r| r.recreated_for.as_deref()) != Some(*v))
+        .map(String::from);
+    let adopt = annotations::is_true(&relay.metadata, annotations::ADOPT);
+    let my_uid = relay.uid().unwrap_or_default();
+    let mut gone_owners = BTreeSet::new();
+    let named = obs
+        .publication
+        .iter()
+        .filter_map(|o| o.marker())
+        .chain(obs.slot_claims.iter());
+    for m in named.filter(|m| m.uid != my_uid) {
+        if !owner_exists(ctx, &m.namespace, &m.name, &m.uid).await {
+            gone_owners.insert(m.uid.clone());
+        }
+    }
+    Intent {
+        recorded,
+        legacy,
+        recreate,
+        adopt,
+        gone_owners,
+    }
+}
+
+/// Whether the relay `namespace/name` with `uid` still exists: the cache first, then
+/// the API server (the cache of a namespaced operator does not see every namespace).
+/// When in doubt (no answer, no permission) it counts as existing: an object is never
+/// taken from an owner that might still be there.
+async fn owner_exists(ctx: &Context, namespace: &str, name: &str, uid: &str) -> bool {
+    let key = ObjectRef::<OutboxRelay>::new(name).within(namespace);
+    if let Some(r) = ctx.relays.get(&key) {
+        return r.uid().as_deref() == Some(uid);
+    }
+    let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), namespace);
+    match api_call(api.get_opt(name)).await {
+        Ok(Some(r)) => r.uid().as_deref() == Some(uid),
+        Ok(None) => false,
+        Err(_) => true,
+    }
 }
 
 /// Runs a PostgreSQL step with a deadline. Dropping the future on timeout drops

@@ -1,29 +1,40 @@
 //! Deletion: what happens to the state outside Kubernetes.
 //!
-//! `cleanupPolicy: Delete` drops the slot (an orphaned slot pins WAL on the primary
-//! until its disk fills up) and the publication. Until both are verifiably gone the
-//! finalizer stays, whatever the reason (database down, Secret deleted first): the
-//! failure is retried with backoff and reported in an Event that says how to get
-//! out (fix it, or switch to `Retain`). `Retain` leaves both in place.
+//! `cleanupPolicy: Delete` first **drains** ([`super::drain`]): the worker keeps
+//! running until the slot's confirmed position reaches the WAL position at the
+//! time of the delete, so every event written before it is in Kafka. Then the slot
+//! (an orphaned slot pins WAL on the primary until its disk fills up) and the
+//! publication are dropped, each only if this relay owns it
+//! ([`crate::postgres::binding::release`]). A drain that cannot finish ends after
+//! `spec.drainTimeoutSeconds` or at once with `outbox.dev/force-delete`, and a
+//! Warning Event names the events dropped unrelayed. `Retain` leaves both in place.
+//!
+//! Until cleanup is done the finalizer stays, whatever the reason (database down,
+//! drain in progress): the resource shows `Ready=False` with reason `Draining` or
+//! the error, and an Event says how to get out.
 //!
 //! The worker Deployment is not deleted here: its owner reference hands it to the
-//! garbage collector once the resource is gone. It is only scaled to zero first,
-//! so a worker (or its hot standby) cannot take the slot back while it is dropped.
+//! garbage collector once the resource is gone. It is scaled to zero just before
+//! the drop, so a worker (or its hot standby) cannot take the slot back.
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::apply::{self, timed};
 use super::{
-    ApiFailure, Context, Error as ReconcileError, FIELD_MANAGER, api_call, build, dereference, events, validate,
+    ApiFailure, Context, FIELD_MANAGER, api_call, build, dereference, drain, events, secrets, status, validate,
 };
-use crate::api::{CleanupPolicy, OutboxRelay};
-use crate::postgres;
+use crate::api::conditions::{Desired, merge, reasons, types};
+use crate::api::{CleanupPolicy, DrainStatus, OutboxRelay, annotations};
+use crate::postgres::binding::{self, pending};
+use crate::postgres::{self, PgError, objects};
+use crate::relay::lsn::Lsn;
 
 const DROP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -53,6 +64,17 @@ pub enum Cause {
     },
     #[error("{0}")]
     Database(#[from] apply::Error),
+    #[error("cannot write the drain's status: {source}")]
+    Status {
+        #[source]
+        source: ApiFailure,
+    },
+}
+
+impl From<PgError> for Cause {
+    fn from(e: PgError) -> Self {
+        Cause::Database(apply::Error::Database(e))
+    }
 }
 
 impl Error {
@@ -62,15 +84,28 @@ impl Error {
             Cause::Validate(e) => e.category(),
             Cause::ScaleDown { .. } => "DeploymentApplyFailed",
             Cause::Database(e) => e.category(),
+            Cause::Status { .. } => "StatusWriteFailed",
         }
     }
 }
 
-pub async fn run(relay: &OutboxRelay, ctx: &Context) -> Result<Action, ReconcileError> {
+/// Where a cleanup pass left the deletion.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Cleanup is complete: the finalizer may go.
+    Done,
+    /// Draining: look again after this long.
+    Wait(Duration),
+}
+
+/// How often a drain in progress is looked at.
+const DRAIN_POLL: Duration = Duration::from_secs(2);
+
+pub async fn run(relay: &OutboxRelay, ctx: &Context) -> Result<Progress, Error> {
     let namespace = relay.namespace().unwrap_or_default();
     let name = relay.name_any();
     let (slot, publication) = validate::object_names(&namespace, &name, &relay.spec);
-    match relay.spec.cleanup_policy {
+    let progress = match relay.spec.cleanup_policy {
         CleanupPolicy::Retain => {
             events::publish(
                 &ctx.recorder,
@@ -80,38 +115,75 @@ pub async fn run(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Reconcile
                 "Cleanup",
                 format!(
                     "cleanupPolicy is Retain: replication slot {slot:?} and publication {publication:?} stay in the \
-                     database. An unread slot keeps WAL on the primary: drop it when nothing will read it again."
+                     database. An unread slot keeps WAL on the primary: drop it when nothing will read it again, or \
+                     hand it to a new relay with the annotation {}=\"true\".",
+                    annotations::ADOPT
                 ),
             )
             .await;
+            Progress::Done
         }
-        CleanupPolicy::Delete => {
-            drop_both(relay, ctx, &namespace).await.map_err(|cause| Error {
-                slot: slot.clone(),
-                publication: publication.clone(),
-                cause,
-            })?;
+        CleanupPolicy::Delete => delete(relay, ctx, &namespace).await.map_err(|cause| Error {
+            slot: slot.clone(),
+            publication: publication.clone(),
+            cause,
+        })?,
+    };
+    if progress == Progress::Done {
+        secrets::release(ctx, relay).await;
+        ctx.metrics.remove_relay(&namespace, &name);
+    }
+    Ok(progress)
+}
+
+/// How long the deletion has been going on: since the drain started, else since
+/// the deletion timestamp.
+fn elapsed(relay: &OutboxRelay, now: &Time) -> Duration {
+    let since = relay
+        .status
+        .as_ref()
+        .and_then(|s| s.drain.as_ref())
+        .map(|d| d.started_at.0)
+        .or_else(|| relay.metadata.deletion_timestamp.as_ref().map(|t| t.0));
+    since
+        .map(|t| Duration::from_secs(now.0.as_second().saturating_sub(t.as_second()).max(0) as u64))
+        .unwrap_or_default()
+}
+
+fn timeout(relay: &OutboxRelay) -> Duration {
+    Duration::from_secs(relay.spec.drain_timeout_seconds.max(0) as u64)
+}
+
+async fn delete(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<Progress, Cause> {
+    let now = status::now();
+    let secrets = match dereference::dereference(&ctx.client, namespace, &relay.spec).await {
+        Ok(s) => s,
+        // Without credentials nothing can reach the slot. The operator protects the
+        // Secret with a finalizer, so this is a Secret that predates that (or whose
+        // finalizer was removed by hand): wait for it within the drain timeout, then
+        // let the resource go and say what was left behind.
+        Err(e @ dereference::Error::SecretNotFound { .. }) if elapsed(relay, &now) >= timeout(relay) => {
+            let (slot, publication) = validate::object_names(namespace, &relay.name_any(), &relay.spec);
             events::publish(
                 &ctx.recorder,
                 relay,
-                EventType::Normal,
-                events::SLOT_DROPPED,
+                EventType::Warning,
+                events::SLOT_LEFT_BEHIND,
                 "Cleanup",
-                format!("Dropped replication slot {slot:?} and publication {publication:?}."),
+                format!(
+                    "{e}. Gave up after spec.drainTimeoutSeconds: replication slot {slot:?} and publication \
+                     {publication:?} were NOT dropped and keep WAL on the primary; events the slot held were not \
+                     relayed. Drop them by hand (pg_drop_replication_slot) once nothing needs them."
+                ),
             )
             .await;
+            tracing::error!(%slot, %publication, "deletion gave up: credentials Secret missing, slot left behind");
+            return Ok(Progress::Done);
         }
-    }
-    ctx.metrics.remove_relay(&namespace, &name);
-    Ok(Action::await_change())
-}
-
-async fn drop_both(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<(), Cause> {
-    let secrets = dereference::dereference(&ctx.client, namespace, &relay.spec).await?;
+        Err(e) => return Err(e.into()),
+    };
     let identity = validate::identity(relay)?;
     let target = validate::database_target(&identity, &relay.spec, &secrets)?;
-    scale_to_zero(ctx, namespace, &build::deployment_name(&identity.name)).await?;
-
     let client = timed(
         "connecting",
         postgres::CONNECT_TIMEOUT + Duration::from_secs(2),
@@ -119,28 +191,260 @@ async fn drop_both(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Resul
         async { postgres::connect(&target.connect).await },
     )
     .await?;
-    let slot_dropped = timed(
-        "dropping the replication slot",
+    let owner = apply::owner_of(relay);
+    let t = binding::Target {
+        owner: &owner,
+        slot: &target.slot,
+        publication: &target.publication,
+        table: &target.table,
+    };
+
+    // The drain's target: the WAL position when the deletion was first seen.
+    let Some(drain) = relay.status.as_ref().and_then(|s| s.drain.clone()) else {
+        let lsn = timed(
+            "reading the WAL position",
+            DROP_TIMEOUT,
+            "",
+            binding::current_lsn(&client),
+        )
+        .await?;
+        let drain = DrainStatus {
+            target_lsn: lsn.clone(),
+            started_at: now.clone(),
+        };
+        write_drain_status(ctx, relay, &target.slot, drain, None).await?;
+        events::publish(
+            &ctx.recorder,
+            relay,
+            EventType::Normal,
+            reasons::DRAINING,
+            "Cleanup",
+            format!(
+                "Draining replication slot {:?} up to LSN {lsn} (the WAL position at deletion) before dropping it.",
+                target.slot
+            ),
+        )
+        .await;
+        return Ok(Progress::Wait(Duration::from_millis(500)));
+    };
+    let target_lsn: Lsn = drain.target_lsn.parse().unwrap_or(Lsn::ZERO);
+    let forced = annotations::is_true(&relay.metadata, annotations::FORCE_DELETE);
+    let slot_info = timed(
+        "reading the slot",
         DROP_TIMEOUT,
         "",
-        postgres::drop_slot(&client, &target.slot),
+        postgres::slot_status(&client, &target.slot),
     )
     .await?;
-    let publication_dropped = timed(
-        "dropping the publication",
-        DROP_TIMEOUT,
-        "; a lock on the outbox table may be blocking it",
-        postgres::drop_publication(&client, &target.publication),
+    let mut facts = drain::Facts {
+        slot: slot_info.as_ref().map(|s| drain::SlotFacts {
+            active: s.active,
+            confirmed: s.confirmed_flush_lsn.as_deref().and_then(|l| l.parse().ok()),
+        }),
+        target: target_lsn,
+        pending: None,
+        forced,
+        elapsed: elapsed(relay, &now),
+        timeout: timeout(relay),
+    };
+    let mut held = None;
+    loop {
+        match drain::step(&facts) {
+            drain::Step::Wait => {
+                keep_worker_running(ctx, relay, namespace).await;
+                write_drain_status(ctx, relay, &target.slot, drain.clone(), facts.pending).await?;
+                return Ok(Progress::Wait(DRAIN_POLL));
+            }
+            drain::Step::Peek => match timed(
+                "peeking at the slot's pending events",
+                DROP_TIMEOUT,
+                "",
+                pending::pending_events(
+                    &client,
+                    &target.slot,
+                    &target.publication,
+                    &target.table,
+                    &target.columns.id,
+                    Some(&drain.target_lsn),
+                ),
+            )
+            .await
+            {
+                Ok(p) => {
+                    facts.pending = Some(p.events);
+                    held = Some(p);
+                }
+                // A worker took the slot between the read and the peek: it drains.
+                Err(apply::Error::Database(PgError::SlotInUse { .. })) => {
+                    facts.slot = facts.slot.map(|s| drain::SlotFacts { active: true, ..s });
+                    if !facts.forced && facts.elapsed < facts.timeout {
+                        return Ok(Progress::Wait(DRAIN_POLL));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            },
+            drain::Step::StopAndPeek => {
+                scale_to_zero(ctx, namespace, &build::deployment_name(&identity.name)).await?;
+                timed(
+                    "freeing the slot",
+                    DROP_TIMEOUT,
+                    "",
+                    objects::free_slot(&client, &target.slot),
+                )
+                .await?;
+                facts.slot = facts.slot.map(|s| drain::SlotFacts { active: false, ..s });
+            }
+            drain::Step::Drop(finish) => {
+                scale_to_zero(ctx, namespace, &build::deployment_name(&identity.name)).await?;
+                let intent = apply::intent(relay, ctx, &target.slot, &binding::inspect(&client, &t).await?).await;
+                let released = timed(
+                    "dropping the replication slot and the publication",
+                    DROP_TIMEOUT,
+                    "; a lock on the outbox table may be blocking it",
+                    binding::release(&client, &t, &intent),
+                )
+                .await?;
+                report(ctx, relay, &target, &drain, finish, held.as_ref(), &released).await;
+                return Ok(Progress::Done);
+            }
+        }
+    }
+}
+
+/// Events for the end of a Delete cleanup.
+async fn report(
+    ctx: &Context,
+    relay: &OutboxRelay,
+    target: &validate::DatabaseTarget,
+    drain: &DrainStatus,
+    finish: drain::Finish,
+    held: Option<&pending::Pending>,
+    released: &binding::Released,
+) {
+    let (slot, publication) = (&target.slot, &target.publication);
+    if let drain::Finish::GiveUp { forced } = finish {
+        let why = if forced {
+            format!("{}=true", annotations::FORCE_DELETE)
+        } else {
+            format!(
+                "the drain timeout of {} s (spec.drainTimeoutSeconds)",
+                relay.spec.drain_timeout_seconds
+            )
+        };
+        let what = held
+            .map(pending::Pending::describe)
+            .unwrap_or_else(|| "some events".into());
+        ctx.metrics.dropped_unrelayed(held.map_or(0, |p| p.events));
+        events::publish(
+            &ctx.recorder,
+            relay,
+            EventType::Warning,
+            events::DROPPED_UNRELAYED,
+            "Cleanup",
+            format!(
+                "Deletion ended the drain because of {why}: {what} committed to {} before LSN {} had not reached Kafka \
+                 and were dropped with replication slot {slot:?}. They are still in the outbox table unless they were \
+                 deleted there.",
+                target.table.unquoted(),
+                drain.target_lsn
+            ),
+        )
+        .await;
+    }
+    let drained = match finish {
+        drain::Finish::Drained => format!(
+            "Drained: every event written before the deletion (up to LSN {}) reached Kafka. ",
+            drain.target_lsn
+        ),
+        drain::Finish::NothingPending => "Nothing left to relay in the slot. ".to_string(),
+        drain::Finish::NoSlot => "The slot did not exist. ".to_string(),
+        drain::Finish::GiveUp { .. } => String::new(),
+    };
+    let fate = |what: &str, name: &str, f: &binding::Fate| match f {
+        binding::Fate::Dropped => format!("Dropped {what} {name:?}."),
+        binding::Fate::Absent => format!("{what} {name:?} was already gone."),
+        binding::Fate::NotOurs(h) => format!(
+            "Left {what} {name:?} in place: it belongs to {}.",
+            match h {
+                binding::Holder::Relay { namespace, name, .. } => format!("OutboxRelay {namespace}/{name}"),
+                binding::Holder::Unknown => "no OutboxRelay (no ownership record)".into(),
+            }
+        ),
+    };
+    events::publish(
+        &ctx.recorder,
+        relay,
+        EventType::Normal,
+        events::SLOT_DROPPED,
+        "Cleanup",
+        format!(
+            "{drained}{} {}",
+            fate("replication slot", slot, &released.slot),
+            fate("publication", publication, &released.publication)
+        ),
     )
-    .await?;
-    tracing::info!(
-        slot = %target.slot,
-        slot_dropped,
-        publication = %target.publication,
-        publication_dropped,
-        "cleaned up"
+    .await;
+    tracing::info!(%slot, %publication, ?finish, ?released, "cleaned up");
+}
+
+/// A suspended relay has no worker to drain it: run one for the drain.
+async fn keep_worker_running(ctx: &Context, relay: &OutboxRelay, namespace: &str) {
+    if !relay.spec.suspend {
+        return;
+    }
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({"spec": {"replicas": relay.spec.worker.replicas}});
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    let name = build::deployment_name(&relay.name_any());
+    if let Err(e) = api_call(api.patch(&name, &pp, &Patch::Merge(&patch))).await
+        && e.code() != Some(404)
+    {
+        tracing::warn!(deployment = %name, error = %e, "cannot start the worker for the drain");
+    }
+}
+
+/// The status during a drain: `Ready=False`, reason `Draining`, and `status.drain`.
+async fn write_drain_status(
+    ctx: &Context,
+    relay: &OutboxRelay,
+    slot: &str,
+    drain: DrainStatus,
+    pending: Option<u64>,
+) -> Result<(), Cause> {
+    let current = relay.status.clone().unwrap_or_default();
+    let held = match pending {
+        Some(n) => format!(" {n} events wait in the slot and no worker streams from it."),
+        None => String::new(),
+    };
+    let message = format!(
+        "Deleting: draining replication slot {slot:?} up to LSN {} (the WAL position at deletion) before dropping it.{held} \
+         The slot and publication are dropped once every event written before the delete is in Kafka, or after \
+         spec.drainTimeoutSeconds ({} s), or at once with the annotation {}=true (events not relayed by then are \
+         dropped and named in a Warning Event).",
+        drain.target_lsn,
+        relay.spec.drain_timeout_seconds,
+        annotations::FORCE_DELETE
     );
-    Ok(())
+    let mut desired = current.clone();
+    desired.conditions = merge(
+        &current.conditions,
+        &[Desired::new(types::READY, false, reasons::DRAINING, message)],
+        relay.metadata.generation,
+        &status::now(),
+    );
+    desired
+        .conditions
+        .retain(|c| status::OWNED_TYPES.contains(&c.type_.as_str()));
+    desired.drain = Some(drain);
+    if relay.status.as_ref() == Some(&desired) {
+        return Ok(());
+    }
+    status::write(&ctx.client, relay, &desired)
+        .await
+        .map_err(|source| Cause::Status { source })
 }
 
 async fn scale_to_zero(ctx: &Context, namespace: &str, deployment: &str) -> Result<(), Cause> {

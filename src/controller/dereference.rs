@@ -6,7 +6,7 @@
 //! `resourceVersion` is kept for the pod template hash that rolls the workers when
 //! credentials change. Secret values never go into logs, status or Events.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -25,6 +25,8 @@ pub struct Dereferenced {
     pub pg_ca_pem: Option<Vec<u8>>,
     /// `resourceVersion` of every referenced Secret, by name.
     pub secret_versions: BTreeMap<String, String>,
+    /// Referenced Secrets that lack the operator's `outbox.dev/in-use` finalizer.
+    pub unguarded: BTreeSet<String>,
 }
 
 // Hand-written so the password never reaches a log line.
@@ -209,11 +211,22 @@ fn resolve(
             )
         })
         .collect();
+    let unguarded = secrets
+        .iter()
+        .filter(|(_, s)| {
+            !s.metadata
+                .finalizers
+                .as_ref()
+                .is_some_and(|f| f.iter().any(|f| f == super::secrets::FINALIZER))
+        })
+        .map(|(name, _)| name.to_string())
+        .collect();
     Ok(Dereferenced {
         db_username,
         db_password,
         pg_ca_pem,
         secret_versions,
+        unguarded,
     })
 }
 

@@ -25,6 +25,13 @@ pub enum Error {
     /// Adding or removing the finalizer failed, or a step failed inside it.
     #[error("{0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),
+
+    #[error("cannot remove the finalizer after cleanup: {0}")]
+    RemoveFinalizer(#[source] ApiFailure),
+
+    /// A deletion is draining; only returned where a pass must fail to keep the finalizer.
+    #[error("the deletion is still draining the slot")]
+    Draining,
 }
 
 impl Error {
@@ -36,6 +43,8 @@ impl Error {
             Error::Apply(e) => e.category(),
             Error::Status(_) => "StatusWriteFailed",
             Error::Cleanup(e) => e.category(),
+            Error::RemoveFinalizer(_) => "FinalizerUpdateFailed",
+            Error::Draining => crate::api::conditions::reasons::DRAINING,
             Error::Finalizer(f) => match &**f {
                 finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.category(),
                 finalizer::Error::AddFinalizer(_) | finalizer::Error::RemoveFinalizer(_) => "FinalizerUpdateFailed",

@@ -14,11 +14,28 @@ use super::Error;
 use super::status::OWNED_TYPES;
 use crate::api::OutboxRelay;
 use crate::api::conditions::reasons;
+use crate::postgres::binding::Take;
 
 /// Cleanup dropped the slot and publication.
 pub const SLOT_DROPPED: &str = "SlotDropped";
 /// Cleanup kept the slot and publication (`cleanupPolicy: Retain`).
 pub const SLOT_RETAINED: &str = "SlotRetained";
+/// A deletion dropped the slot before every event in it was relayed.
+pub const DROPPED_UNRELAYED: &str = "DroppedUnrelayed";
+/// A deletion could not reach the slot and let the resource go without dropping it.
+pub const SLOT_LEFT_BEHIND: &str = "SlotLeftBehind";
+/// The operator created the relay's slot.
+pub const SLOT_CREATED: &str = "SlotCreated";
+/// A new slot after a loss, on request.
+pub const SLOT_RECREATED: &str = "SlotRecreated";
+/// The relay took over objects nobody (existing) owned, on request.
+pub const ADOPTED: &str = "Adopted";
+/// Ownership of objects made by an earlier operator version is now recorded.
+pub const OWNERSHIP_RECORDED: &str = "OwnershipRecorded";
+
+/// Ready reasons that always get an Event when they appear, even when `Ready` was
+/// already False for another reason: each means events are at stake.
+pub const ALARMS: [&str; 3] = [reasons::CONFLICT, reasons::SLOT_LOST, reasons::DATABASE_CHANGED];
 
 /// An Event note may hold 1 kB.
 const MAX_NOTE: usize = 1000;
@@ -32,15 +49,16 @@ pub struct Flip {
     pub message: String,
 }
 
-/// The operator's conditions whose status differs between `previous` and `next`.
+/// The operator's conditions whose status differs between `previous` and `next`,
+/// and those whose reason turned into one of the [`ALARMS`].
 pub fn flips(previous: &[Condition], next: &[Condition]) -> Vec<Flip> {
     next.iter()
         .filter(|c| OWNED_TYPES.contains(&c.type_.as_str()))
         .filter(|c| {
-            previous
-                .iter()
-                .find(|p| p.type_ == c.type_)
-                .is_none_or(|p| p.status != c.status)
+            previous.iter().find(|p| p.type_ == c.type_).is_none_or(|p| {
+                p.status != c.status
+                    || (p.reason != c.reason && c.type_ == "Ready" && ALARMS.contains(&c.reason.as_str()))
+            })
         })
         .map(|c| Flip {
             type_: c.type_.clone(),
@@ -61,6 +79,59 @@ pub async fn flip(recorder: &Recorder, relay: &OutboxRelay, f: &Flip) {
     let status = if f.status { "True" } else { "False" };
     let note = format!("{} is {status}: {}", f.type_, f.message);
     publish(recorder, relay, type_, &f.reason, &f.type_, note).await;
+}
+
+/// How the relay came to own its slot: creation, recreation after a loss,
+/// adoption, or records written for an earlier version's objects.
+pub async fn take(recorder: &Recorder, relay: &OutboxRelay, take: &Take) {
+    let slot = relay
+        .status
+        .as_ref()
+        .and_then(|s| s.binding.as_ref())
+        .map(|b| b.slot.clone());
+    let (type_, reason, note) = match take {
+        Take::Created => (
+            EventType::Normal,
+            SLOT_CREATED,
+            "Created the publication and the replication slot and recorded this relay as their owner.".to_string(),
+        ),
+        Take::Recreated { token, lost } => (
+            EventType::Warning,
+            SLOT_RECREATED,
+            format!(
+                "Created a new replication slot {:?} on request ({}={token}). It starts at the current WAL \
+                 position: events committed after the lost slot's last confirmed position{} and before now were \
+                 not relayed by this relay.",
+                lost.slot,
+                crate::api::annotations::RECREATE_SLOT,
+                relay
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.slot.as_ref())
+                    .and_then(|s| s.confirmed_flush_lsn.as_deref())
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default()
+            ),
+        ),
+        Take::Adopted { from } => (
+            EventType::Warning,
+            ADOPTED,
+            format!(
+                "Took over the existing publication and replication slot{} (owner before: {from}) on request \
+                 ({}=true); this relay streams from the slot's confirmed position on.",
+                slot.map(|s| format!(" {s:?}")).unwrap_or_default(),
+                crate::api::annotations::ADOPT
+            ),
+        ),
+        Take::Recorded => (
+            EventType::Normal,
+            OWNERSHIP_RECORDED,
+            "Recorded this relay as the owner of the publication and replication slot an earlier operator version \
+             created."
+                .to_string(),
+        ),
+    };
+    publish(recorder, relay, type_, reason, "Provision", note).await;
 }
 
 pub async fn error(recorder: &Recorder, relay: &OutboxRelay, action: &str, e: &Error) {

@@ -83,6 +83,7 @@ impl Dereferenced {
             db_password: "s3cret".into(),
             pg_ca_pem: None,
             secret_versions: [("orders-db".to_string(), "1001".to_string())].into_iter().collect(),
+            unguarded: Default::default(),
         }
     }
 }

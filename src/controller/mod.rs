@@ -9,9 +9,15 @@
 //!   [`build`] renders the worker Deployment (pure, cannot fail);
 //!   [`apply`] server-side applies the Deployment and provisions PostgreSQL;
 //!   [`status`] computes the wanted status (pure) and writes it only when it changed.
-//! - **cleanup** ([`cleanup`]): with `cleanupPolicy: Delete`, drops the slot and the
-//!   publication before the finalizer goes. The Deployment is not the finalizer's
-//!   business: its owner reference lets the garbage collector remove it.
+//! - **cleanup** ([`cleanup`]): with `cleanupPolicy: Delete`, drains the slot
+//!   ([`drain`]) and then drops the slot and the publication before the finalizer
+//!   goes. The Deployment is not the finalizer's business: its owner reference lets
+//!   the garbage collector remove it.
+//!
+//! Before anything touches PostgreSQL, [`conflicts`] checks the cache for another
+//! relay naming the same slot or publication; in PostgreSQL,
+//! [`crate::postgres::binding`] checks ownership records and the slot's identity.
+//! [`secrets`] keeps the Secrets cleanup needs until it ran.
 //!
 //! Events ([`events`]) go out when a condition flips and when a reconcile fails,
 //! with the error's category as the reason.
@@ -19,9 +25,13 @@
 pub mod apply;
 pub mod build;
 pub mod cleanup;
+mod conflicts;
 pub mod dereference;
+pub mod drain;
 mod error;
 pub mod events;
+mod problems;
+pub mod secrets;
 pub mod status;
 pub mod validate;
 
@@ -129,18 +139,21 @@ pub struct Context {
     pub config: Config,
     pub metrics: OperatorMetrics,
     pub recorder: Recorder,
+    /// Every relay the operator watches: for collisions and shared Secrets.
+    pub relays: Store<OutboxRelay>,
     /// Consecutive failed reconciles per relay, for the backoff.
     failures: Mutex<HashMap<ObjectRef<OutboxRelay>, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, config: Config, metrics: OperatorMetrics) -> Self {
+    pub fn new(client: Client, config: Config, metrics: OperatorMetrics, relays: Store<OutboxRelay>) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter::from(FIELD_MANAGER));
         Self {
             client,
             config,
             metrics,
             recorder,
+            relays,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -201,7 +214,7 @@ pub async fn run(
         }
     });
 
-    let ctx = Arc::new(Context::new(client, config, handle.metrics.clone()));
+    let ctx = Arc::new(Context::new(client, config, handle.metrics.clone(), store.clone()));
     info!(namespace = ?ctx.config.namespace, "operator started");
     controller
         .owns(deployments, watcher::Config::default().labels(MANAGED_BY_SELECTOR))
@@ -264,15 +277,26 @@ async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, E
     let _timer = ctx.metrics.reconcile_timer();
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &ns);
-    let step_ctx = ctx.clone();
-    let result = finalizer(&api, FINALIZER, obj.clone(), |event| async move {
-        match event {
-            finalizer::Event::Apply(relay) => reconcile_apply(&relay, &step_ctx).await,
-            finalizer::Event::Cleanup(relay) => cleanup::run(&relay, &step_ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let result = if obj.meta().deletion_timestamp.is_some() {
+        // Deletion is handled here rather than by the finalizer helper, which would
+        // take the finalizer off after any successful pass: a drain needs passes
+        // that succeed and still keep it.
+        delete(&api, &obj, &ctx).await
+    } else {
+        let step_ctx = ctx.clone();
+        finalizer(&api, FINALIZER, obj.clone(), |event| async move {
+            match event {
+                finalizer::Event::Apply(relay) => reconcile_apply(&relay, &step_ctx).await,
+                // Not reached (deleted objects take the branch above); kept safe anyway.
+                finalizer::Event::Cleanup(relay) => match cleanup::run(&relay, &step_ctx).await? {
+                    cleanup::Progress::Done => Ok(Action::await_change()),
+                    cleanup::Progress::Wait(_) => Err(Error::Draining),
+                },
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    };
 
     match &result {
         Ok(_) => ctx.reset_failures(&obj),
@@ -289,9 +313,37 @@ async fn reconcile(obj: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, E
     result
 }
 
+/// A cleanup pass of a relay being deleted; the finalizer goes once it is done.
+async fn delete(api: &Api<OutboxRelay>, obj: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
+    let Some(index) = obj.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(Action::await_change());
+    };
+    match cleanup::run(obj, ctx).await? {
+        cleanup::Progress::Wait(after) => Ok(Action::requeue(after)),
+        cleanup::Progress::Done => {
+            // Remove exactly our entry, and only if it is still where we saw it.
+            let path = format!("/metadata/finalizers/{index}");
+            let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+                {"op": "test", "path": path, "value": FINALIZER},
+                {"op": "remove", "path": path},
+            ]))
+            .map_err(|e| Error::RemoveFinalizer(ApiFailure::Api(kube::Error::SerdeError(e))))?;
+            let pp = kube::api::PatchParams::default();
+            match api_call(api.patch(&obj.name_any(), &pp, &kube::api::Patch::<()>::Json(patch))).await {
+                Ok(_) => Ok(Action::await_change()),
+                Err(e) if e.code() == Some(404) => Ok(Action::await_change()),
+                Err(e) => Err(Error::RemoveFinalizer(e)),
+            }
+        }
+    }
+}
+
 /// Apply path: steps, status, gauges and flip events.
 async fn reconcile_apply(relay: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
     let outcome = apply::observe(relay, ctx).await;
+    if let Some(take) = &outcome.take {
+        events::take(&ctx.recorder, relay, take).await;
+    }
     let desired = status::desired_status(relay, &outcome.observed, &status::now());
     let previous = relay
         .status

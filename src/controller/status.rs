@@ -13,7 +13,7 @@ use kube::{Client, Resource, ResourceExt};
 
 use super::{ApiFailure, FIELD_MANAGER, api_call};
 use crate::api::conditions::{Desired, merge, reasons, types};
-use crate::api::{OutboxRelay, OutboxRelayStatus};
+use crate::api::{BindingStatus, OutboxRelay, OutboxRelayStatus};
 use crate::metrics::{RelayGauges, SlotGauges};
 use crate::postgres::{LagLevel, SlotInfo};
 
@@ -103,6 +103,17 @@ pub enum DatabaseObservation {
         publication: String,
         slot_name: String,
         slot: Option<SlotInfo>,
+        /// The slot's identity, for `status.binding`.
+        binding: BindingStatus,
+    },
+    /// Reachable and checked, but the relay may not use its objects: another relay
+    /// owns them (`Conflict`), or its slot was lost (`SlotLost`, `DatabaseChanged`).
+    Unbound {
+        problem: Problem,
+        /// The slot as the server reports it, if it exists.
+        slot: Option<SlotInfo>,
+        /// What the relay had recorded, kept so the loss stays described.
+        binding: Option<BindingStatus>,
     },
     /// A step up to and including provisioning failed.
     Failed(Problem),
@@ -155,11 +166,29 @@ pub fn desired_status(relay: &OutboxRelay, observed: &Observed, now: &Time) -> O
         .filter(|c| OWNED_TYPES.contains(&c.type_.as_str()))
         .collect();
 
-    let slot_status = match &observed.database {
-        DatabaseObservation::Provisioned { slot, .. } => slot.as_ref().map(SlotInfo::to_status),
+    let (slot_status, binding) = match &observed.database {
+        DatabaseObservation::Provisioned { slot, binding, .. } => {
+            (slot.as_ref().map(SlotInfo::to_status), Some(binding.clone()))
+        }
+        // A lost slot keeps its last seen facts (the confirmed position says where
+        // events may be missing); a conflicting relay shows nothing of the other's.
+        DatabaseObservation::Unbound { slot, binding, problem } => {
+            let facts = match (slot, problem.reason) {
+                (_, reasons::CONFLICT) => None,
+                (Some(s), _) => Some(s.to_status()),
+                (None, _) => current.and_then(|s| s.slot.clone()),
+            };
+            (
+                facts,
+                binding.clone().or_else(|| current.and_then(|s| s.binding.clone())),
+            )
+        }
         // Unreadable now: keep what was last seen (its name at least is still right)
         // rather than blank the printer columns while the database is away.
-        DatabaseObservation::Failed(_) => current.and_then(|s| s.slot.clone()),
+        DatabaseObservation::Failed(_) => (
+            current.and_then(|s| s.slot.clone()),
+            current.and_then(|s| s.binding.clone()),
+        ),
     };
     OutboxRelayStatus {
         observed_generation: generation,
@@ -167,6 +196,9 @@ pub fn desired_status(relay: &OutboxRelay, observed: &Observed, now: &Time) -> O
         destination: Some(relay.destination()).filter(|d| !d.is_empty()),
         slot: slot_status,
         last_event_time: None,
+        binding,
+        drain: None,
+        protected_secrets: super::secrets::protected(relay),
     }
 }
 
@@ -186,7 +218,9 @@ fn database_condition(db: &DatabaseObservation) -> Desired {
                  replication slot {slot_name:?} are in place."
             ),
         ),
-        DatabaseObservation::Failed(p) => Desired::new(types::DATABASE_READY, false, p.reason, p.message.clone()),
+        DatabaseObservation::Unbound { problem: p, .. } | DatabaseObservation::Failed(p) => {
+            Desired::new(types::DATABASE_READY, false, p.reason, p.message.clone())
+        }
     }
 }
 
@@ -195,6 +229,12 @@ fn slot_condition(relay: &OutboxRelay, db: &DatabaseObservation) -> (Desired, Op
     let th = &relay.spec.replication.lag;
     let (slot_name, slot) = match db {
         DatabaseObservation::Provisioned { slot_name, slot, .. } => (slot_name, slot),
+        DatabaseObservation::Unbound { problem: p, .. } => {
+            return (
+                Desired::new(types::SLOT_HEALTHY, false, p.reason, p.message.clone()),
+                None,
+            );
+        }
         DatabaseObservation::Failed(p) => {
             return (
                 Desired::new(
@@ -214,7 +254,8 @@ fn slot_condition(relay: &OutboxRelay, db: &DatabaseObservation) -> (Desired, Op
                 false,
                 reasons::SLOT_MISSING,
                 format!(
-                    "Replication slot {slot_name:?} does not exist; the operator recreates it on the next reconcile."
+                    "Replication slot {slot_name:?} was not found right after provisioning; the next reconcile checks \
+                     whether it was lost."
                 ),
             ),
             None,
@@ -359,6 +400,9 @@ pub fn unchanged(current: Option<&OutboxRelayStatus>, desired: &OutboxRelayStatu
     current.observed_generation == desired.observed_generation
         && current.destination == desired.destination
         && current.slot == desired.slot
+        && current.binding == desired.binding
+        && current.drain == desired.drain
+        && current.protected_secrets == desired.protected_secrets
         && owned(&current.conditions) == owned(&desired.conditions)
 }
 
@@ -394,7 +438,19 @@ pub fn gauges(status: &OutboxRelayStatus, observed: &Observed) -> RelayGauges {
         }),
         _ => None,
     };
-    RelayGauges { ready, slot }
+    let (slot_lost, conflict) = match &observed.database {
+        DatabaseObservation::Unbound { problem, .. } => (
+            matches!(problem.reason, reasons::SLOT_LOST | reasons::DATABASE_CHANGED),
+            problem.reason == reasons::CONFLICT,
+        ),
+        _ => (false, false),
+    };
+    RelayGauges {
+        ready,
+        slot,
+        slot_lost,
+        conflict,
+    }
 }
 
 #[cfg(test)]
@@ -430,6 +486,7 @@ mod tests {
             publication: "outbox_shop_orders".into(),
             slot_name: "outbox_shop_orders".into(),
             slot: s,
+            binding: BindingStatus::default(),
         }
     }
 

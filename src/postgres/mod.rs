@@ -6,9 +6,11 @@
 //! worker (which streams over its own replication connection, see `relay`, with
 //! the same TLS policy from [`tls`] and the same quoting from [`ident`]).
 
+pub mod binding;
 pub mod connect;
 pub mod error;
 pub mod ident;
+pub mod objects;
 pub mod provision;
 pub mod slot;
 pub mod tls;
@@ -16,9 +18,7 @@ pub mod tls;
 pub use connect::{CONNECT_TIMEOUT, PgConnectConfig, connect};
 pub use error::PgError;
 pub use ident::{QualifiedTable, quote_ident, quote_literal, quote_replication_literal};
-pub use provision::{
-    OUTPUT_PLUGIN, Prerequisites, Provisioned, check_prerequisites, drop_publication, drop_slot, ensure_publication,
-    ensure_slot,
-};
+pub use objects::{OUTPUT_PLUGIN, Provisioned, drop_publication, drop_slot, ensure_publication, ensure_slot};
+pub use provision::{Prerequisites, check_prerequisites};
 pub use slot::{LagLevel, SlotInfo, classify_lag, slot_status};
 pub use tls::tls_client_config;
