@@ -262,8 +262,11 @@ async fn invalid_resources_are_refused_naming_the_field() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A field a relay is created with: (path, value).
+type Field = Option<(&'static str, Value)>;
+
 /// Identity fields: (what, created with, merge patch, text of the refusal).
-fn identity_changes() -> Vec<(&'static str, Option<(&'static str, Value)>, Value, &'static str)> {
+fn identity_changes() -> Vec<(&'static str, Field, Value, &'static str)> {
     let slot = Some(("spec.replication.slotName", json!("pinned_slot")));
     let publication = Some(("spec.replication.publicationName", json!("pinned_pub")));
     vec![
