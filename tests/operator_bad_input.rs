@@ -6,7 +6,7 @@
 mod operator_support;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use operator_support::{Harness, Options, SECRET, closed_port, condition};
 use outbox_testbed::{Components, Postgres, shared};
 use serde_json::json;
