@@ -199,8 +199,29 @@ async fn delete(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<P
         table: &target.table,
     };
 
+    // Only the relay's own slot is drained; one that belongs to another relay (a
+    // conflicting relay being deleted) is not even looked into.
+    let obs = timed(
+        "reading the slot and publication",
+        DROP_TIMEOUT,
+        "",
+        binding::inspect(&client, &t),
+    )
+    .await?;
+    let intent = apply::intent(relay, ctx, &target.slot, &obs).await;
+    let ours = matches!(binding::owned(&t, &obs, &intent).slot, Some(Ok(())));
+
     // The drain's target: the WAL position when the deletion was first seen.
-    let Some(drain) = relay.status.as_ref().and_then(|s| s.drain.clone()) else {
+    let recorded_drain = relay.status.as_ref().and_then(|s| s.drain.clone());
+    let drain = match (ours, recorded_drain) {
+        (true, d) => d,
+        // Nothing of ours to wait for.
+        (false, _) => Some(DrainStatus {
+            target_lsn: obs.current_lsn.clone(),
+            started_at: now.clone(),
+        }),
+    };
+    let Some(drain) = drain else {
         let lsn = timed(
             "reading the WAL position",
             DROP_TIMEOUT,
@@ -229,15 +250,8 @@ async fn delete(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<P
     };
     let target_lsn: Lsn = drain.target_lsn.parse().unwrap_or(Lsn::ZERO);
     let forced = annotations::is_true(&relay.metadata, annotations::FORCE_DELETE);
-    let slot_info = timed(
-        "reading the slot",
-        DROP_TIMEOUT,
-        "",
-        postgres::slot_status(&client, &target.slot),
-    )
-    .await?;
     let mut facts = drain::Facts {
-        slot: slot_info.as_ref().map(|s| drain::SlotFacts {
+        slot: obs.slot.as_ref().filter(|_| ours).map(|s| drain::SlotFacts {
             active: s.active,
             confirmed: s.confirmed_flush_lsn.as_deref().and_then(|l| l.parse().ok()),
         }),
@@ -296,7 +310,6 @@ async fn delete(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<P
             }
             drain::Step::Drop(finish) => {
                 scale_to_zero(ctx, namespace, &build::deployment_name(&identity.name)).await?;
-                let intent = apply::intent(relay, ctx, &target.slot, &binding::inspect(&client, &t).await?).await;
                 let released = timed(
                     "dropping the replication slot and the publication",
                     DROP_TIMEOUT,

@@ -47,6 +47,9 @@ pub struct Options {
     pub table: bool,
     /// Create the credentials Secret.
     pub secret: bool,
+    /// Watch every namespace instead of only the test's own. Only for a test binary
+    /// with a single test: the operator would reconcile its neighbours' relays too.
+    pub watch_all: bool,
 }
 
 impl Default for Options {
@@ -55,6 +58,7 @@ impl Default for Options {
             requeue: Duration::from_secs(2),
             table: true,
             secret: true,
+            watch_all: false,
         }
     }
 }
@@ -87,18 +91,25 @@ impl Harness {
             let c = pg.client(&db).await.expect("connect");
             c.batch_execute(OUTBOX_DDL).await.expect("create outbox table");
         }
-        let h = Self::spawn(client, ns, db, pg, opts.requeue);
+        let h = Self::spawn(client, ns, db, pg, opts.requeue, opts.watch_all);
         if opts.secret {
             h.create_secret(SECRET, pg.user(), pg.password()).await;
         }
         h
     }
 
-    fn spawn(client: Client, ns: String, db: String, pg: &'static Postgres, requeue: Duration) -> Harness {
+    fn spawn(
+        client: Client,
+        ns: String,
+        db: String,
+        pg: &'static Postgres,
+        requeue: Duration,
+        watch_all: bool,
+    ) -> Harness {
         let handle = OperatorHandle::new();
         let config = controller::Config {
             relay_image: IMAGE.into(),
-            namespace: Some(ns.clone()),
+            namespace: (!watch_all).then(|| ns.clone()),
             requeue_interval: requeue,
         };
         let (stop, mut rx) = watch::channel(false);
@@ -135,8 +146,76 @@ impl Harness {
         Api::namespaced(self.client.clone(), &self.ns)
     }
 
+    /// Another namespace with the credentials Secret, for relays that share this
+    /// test's database from elsewhere.
+    pub async fn extra_namespace(&self, prefix: &str) -> String {
+        let ns = unique_name(prefix);
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("namespace");
+        namespaces
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect("create namespace");
+        self.create_secret_in(&ns, SECRET, self.pg.user(), self.pg.password())
+            .await;
+        ns
+    }
+
+    /// The relays of namespace `ns`.
+    pub fn relays_in(&self, ns: &str) -> Api<OutboxRelay> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// Sets an annotation on the relay `name`.
+    pub async fn annotate(&self, name: &str, key: &str, value: &str) {
+        let patch = json!({"metadata": {"annotations": {key: value}}});
+        self.relays()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("annotate relay");
+    }
+
+    /// The comment on a publication (the operator's ownership record).
+    pub async fn publication_comment(&self, publication: &str) -> Option<String> {
+        self.sql()
+            .await
+            .query_opt(
+                "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .expect("query publication")
+            .and_then(|r| r.get(0))
+    }
+
+    /// `(schema.table)` of every table in a publication.
+    pub async fn publication_tables(&self, publication: &str) -> Vec<String> {
+        self.sql()
+            .await
+            .query(
+                "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .expect("query publication tables")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    pub async fn drop_slot_behind_the_operators_back(&self, slot: &str) {
+        let c = self.pg.client("postgres").await.expect("connect");
+        c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .expect("drop slot");
+    }
+
     pub async fn create_secret(&self, name: &str, user: &str, password: &str) {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        self.create_secret_in(&self.ns, name, user, password).await;
+    }
+
+    pub async fn create_secret_in(&self, ns: &str, name: &str, user: &str, password: &str) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let s: Secret = serde_json::from_value(json!({
             "metadata": {"name": name},
             "stringData": {"username": user, "password": password}
@@ -200,15 +279,29 @@ impl Harness {
     /// Waits until `ok` holds for the relay; on timeout, panics with the relay's
     /// status, its Deployment and its Events.
     pub async fn await_relay(&self, name: &str, what: &str, ok: impl Fn(&OutboxRelay) -> bool) -> OutboxRelay {
+        self.await_relay_in(&self.ns, name, what, ok).await
+    }
+
+    /// [`Self::await_relay`] for a relay in namespace `ns`.
+    pub async fn await_relay_in(
+        &self,
+        ns: &str,
+        name: &str,
+        what: &str,
+        ok: impl Fn(&OutboxRelay) -> bool,
+    ) -> OutboxRelay {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some(r) = self.relays().get_opt(name).await.expect("get relay")
+            if let Some(r) = self.relays_in(ns).get_opt(name).await.expect("get relay")
                 && ok(&r)
             {
                 return r;
             }
             if Instant::now() > deadline {
-                panic!("timed out after {WAIT:?} waiting for {what}\n{}", self.dump(name).await);
+                panic!(
+                    "timed out after {WAIT:?} waiting for {what}\n{}",
+                    self.dump_in(ns, name).await
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -216,14 +309,43 @@ impl Harness {
 
     /// Waits for the condition `type_` to have `status` and (if given) `reason`.
     pub async fn await_condition(&self, name: &str, type_: &str, status: &str, reason: Option<&str>) -> OutboxRelay {
+        self.await_condition_in(&self.ns, name, type_, status, reason).await
+    }
+
+    /// [`Self::await_condition`] for a relay in namespace `ns`.
+    pub async fn await_condition_in(
+        &self,
+        ns: &str,
+        name: &str,
+        type_: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> OutboxRelay {
         let what = format!("{type_}={status} (reason {})", reason.unwrap_or("any"));
-        self.await_relay(name, &what, |r| {
+        self.await_relay_in(ns, name, &what, |r| {
             r.status
                 .as_ref()
                 .and_then(|s| find(&s.conditions, type_))
                 .is_some_and(|c| c.status == status && reason.is_none_or(|want| c.reason == want))
         })
         .await
+    }
+
+    pub fn deployments_in(&self, ns: &str) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    pub async fn await_relay_gone_in(&self, ns: &str, name: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.relays_in(ns).get_opt(name).await.expect("get relay").is_some() {
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {ns}/{name} to go\n{}",
+                    self.dump_in(ns, name).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn await_gone(&self, name: &str) {
@@ -271,7 +393,12 @@ impl Harness {
 
     /// Events about the relay `name`, as (reason, note).
     pub async fn events(&self, name: &str) -> Vec<(String, String)> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &self.ns);
+        self.events_in(&self.ns, name).await
+    }
+
+    /// [`Self::events`] for a relay in namespace `ns`.
+    pub async fn events_in(&self, ns: &str, name: &str) -> Vec<(String, String)> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), ns);
         api.list(&ListParams::default())
             .await
             .expect("list events")
@@ -302,7 +429,13 @@ impl Harness {
 
     /// Status, Deployment and Events of a relay, for failure messages.
     pub async fn dump(&self, name: &str) -> String {
-        let relay = match self.relays().get_opt(name).await {
+        self.dump_in(&self.ns, name).await
+    }
+
+    /// [`Self::dump`] for a relay in namespace `ns`.
+    pub async fn dump_in(&self, ns: &str, name: &str) -> String {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), ns);
+        let relay = match self.relays_in(ns).get_opt(name).await {
             Ok(Some(r)) => serde_json::to_string_pretty(&json!({
                 "metadata": {"finalizers": r.metadata.finalizers, "generation": r.metadata.generation,
                              "deletionTimestamp": r.metadata.deletion_timestamp},
@@ -312,7 +445,7 @@ impl Harness {
             Ok(None) => "relay: gone".into(),
             Err(e) => format!("relay: {e}"),
         };
-        let deployment = match self.deployments().get_opt(&format!("{name}-relay")).await {
+        let deployment = match deployments.get_opt(&format!("{name}-relay")).await {
             Ok(Some(d)) => format!(
                 "deployment: replicas {:?}, status {}",
                 d.spec.and_then(|s| s.replicas),
@@ -322,14 +455,13 @@ impl Harness {
             Err(e) => format!("deployment: {e}"),
         };
         let events: Vec<String> = self
-            .events(name)
+            .events_in(ns, name)
             .await
             .into_iter()
             .map(|(r, n)| format!("  {r}: {n}"))
             .collect();
         format!(
-            "--- {}/{name}\n{relay}\n{deployment}\nevents:\n{}\nmetrics:\n{}",
-            self.ns,
+            "--- {ns}/{name}\n{relay}\n{deployment}\nevents:\n{}\nmetrics:\n{}",
             events.join("\n"),
             self.handle.metrics.encode()
         )

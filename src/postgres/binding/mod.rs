@@ -175,13 +175,19 @@ pub enum Fate {
     NotOurs(Holder),
 }
 
-/// Drops the relay's slot and publication, each only if it is the relay's own: its
-/// record names this relay, or (objects of an operator version without records) the
-/// relay's status says it provisioned them. A slot's holder is terminated first.
-pub async fn release(client: &Client, t: &Target<'_>, intent: &Intent) -> Result<Released, PgError> {
-    let obs = inspect(client, t).await?;
+/// Whose each object is, as far as dropping goes: `None` when it does not exist,
+/// `Some(Ok(()))` when it is the relay's own (its record names this relay, or, for
+/// objects of an operator version without records, the relay's status says it
+/// provisioned them), else who holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owned {
+    pub slot: Option<Result<(), Holder>>,
+    pub publication: Option<Result<(), Holder>>,
+}
+
+pub fn owned(t: &Target<'_>, obs: &Observation, intent: &Intent) -> Owned {
     let recorded = intent.recorded.as_ref().is_some_and(|r| r.slot == t.slot);
-    let publication_ours = match &obs.publication {
+    let publication = match &obs.publication {
         None => None,
         Some(Ownership::Marked(m)) if m.uid == t.owner.uid => Some(Ok(())),
         Some(Ownership::Marked(m)) => Some(Err(holder_of(m))),
@@ -192,13 +198,21 @@ pub async fn release(client: &Client, t: &Target<'_>, intent: &Intent) -> Result
         .slot_claims
         .iter()
         .find(|m| m.uid != t.owner.uid && !intent.gone_owners.contains(&m.uid));
-    let slot_ours = match (&obs.slot, claim) {
+    let slot = match (&obs.slot, claim) {
         (None, _) => None,
         (Some(_), Some(m)) => Some(Err(holder_of(m))),
-        (Some(_), None) if matches!(publication_ours, Some(Ok(()))) || recorded || intent.legacy => Some(Ok(())),
+        (Some(_), None) if matches!(publication, Some(Ok(()))) || recorded || intent.legacy => Some(Ok(())),
         (Some(_), None) => Some(Err(Holder::Unknown)),
     };
-    let slot = match slot_ours {
+    Owned { slot, publication }
+}
+
+/// Drops the relay's slot and publication, each only if it is the relay's own
+/// (see [`owned`]). A slot's holder is terminated first.
+pub async fn release(client: &Client, t: &Target<'_>, intent: &Intent) -> Result<Released, PgError> {
+    let obs = inspect(client, t).await?;
+    let Owned { slot, publication } = owned(t, &obs, intent);
+    let slot = match slot {
         None => Fate::Absent,
         Some(Err(h)) => Fate::NotOurs(h),
         Some(Ok(())) => {
@@ -209,7 +223,7 @@ pub async fn release(client: &Client, t: &Target<'_>, intent: &Intent) -> Result
             }
         }
     };
-    let publication = match publication_ours {
+    let publication = match publication {
         None => Fate::Absent,
         Some(Err(h)) => Fate::NotOurs(h),
         Some(Ok(())) => {
