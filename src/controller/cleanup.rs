@@ -370,7 +370,8 @@ async fn report(
             drain.target_lsn
         ),
         drain::Finish::NothingPending => "Nothing left to relay in the slot. ".to_string(),
-        drain::Finish::NoSlot => "The slot did not exist. ".to_string(),
+        // The fate of each object below says the rest (gone, or someone else's).
+        drain::Finish::NoSlot => String::new(),
         drain::Finish::GiveUp { .. } => String::new(),
     };
     let fate = |what: &str, name: &str, f: &binding::Fate| match f {
