@@ -47,7 +47,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
@@ -186,7 +188,8 @@ pub async fn run(
         Some(ns) => (
             Api::<OutboxRelay>::namespaced(client.clone(), ns),
             Api::<Deployment>::namespaced(client.clone(), ns),
-            Api::<Secret>::namespaced(client.clone(), ns),
+            // `PartialObjectMeta`: the API server sends metadata only.
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
         ),
         None => (
             Api::all(client.clone()),
@@ -220,9 +223,15 @@ pub async fn run(
         .owns(deployments, watcher::Config::default().labels(MANAGED_BY_SELECTOR))
         // A changed Secret must reach the relays that use it: credentials in the
         // pod template hash roll the workers, and provisioning retries at once.
-        .watches(secrets, watcher::Config::default(), move |secret| {
-            relays_using_secret(&store, &secret)
-        })
+        // Metadata only: the watch needs to know that a Secret changed, never what it
+        // holds. Its data is read (one GET) only when reconciling a relay that names it,
+        // so the operator never holds other teams' credentials, and its memory does not
+        // grow with the size of every Secret in the cluster.
+        .watches(
+            secrets,
+            watcher::Config::default().any_semantic(),
+            move |secret: PartialObjectMeta<Secret>| relays_using_secret(&store, &secret.metadata),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -243,8 +252,8 @@ pub async fn run(
 }
 
 /// The relays in the Secret's namespace whose spec names it.
-fn relays_using_secret(store: &Store<OutboxRelay>, secret: &Secret) -> Vec<ObjectRef<OutboxRelay>> {
-    let (Some(ns), Some(name)) = (secret.metadata.namespace.as_deref(), secret.metadata.name.as_deref()) else {
+fn relays_using_secret(store: &Store<OutboxRelay>, secret: &ObjectMeta) -> Vec<ObjectRef<OutboxRelay>> {
+    let (Some(ns), Some(name)) = (secret.namespace.as_deref(), secret.name.as_deref()) else {
         return Vec::new();
     };
     store
@@ -485,14 +494,14 @@ mod tests {
             v
         };
         assert_eq!(
-            names(relays_using_secret(&store, &secret("shop", "orders-db"))),
+            names(relays_using_secret(&store, &secret("shop", "orders-db").metadata)),
             ["shop/orders"]
         );
         assert_eq!(
-            names(relays_using_secret(&store, &secret("shop", "pg-ca"))),
+            names(relays_using_secret(&store, &secret("shop", "pg-ca").metadata)),
             ["shop/with-ca"]
         );
-        assert!(relays_using_secret(&store, &secret("shop", "unrelated")).is_empty());
+        assert!(relays_using_secret(&store, &secret("shop", "unrelated").metadata).is_empty());
     }
 
     #[test]
