@@ -8,6 +8,7 @@
 pub mod annotations;
 pub mod conditions;
 pub mod names;
+pub mod reference;
 
 use std::collections::BTreeMap;
 
