@@ -9,41 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use outbox_operator::metrics::{OperatorMetrics, RelayGauges, SlotGauges};
 use serde_json::Value;
-use tools::{CHART, helm, output, run, tool};
+use tools::{chart_rules, output, run, tool};
 
 const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/alerts/operator-rules.test.yaml");
-
-/// The chart's rule groups as a plain Prometheus rules file. Descriptions without a
-/// template are dropped: they are prose, and repeating them in every case would test
-/// nothing but copying; summaries (templated) stay and are compared.
-fn rendered_rules() -> String {
-    let yaml = run(
-        "helm template",
-        helm().args([
-            "template",
-            "outbox-operator",
-            CHART,
-            "--set",
-            "prometheusRule.enabled=true",
-            "--show-only",
-            "templates/prometheusrule.yaml",
-        ]),
-    );
-    let rule: Value = serde_norway::from_str(&yaml).expect("the PrometheusRule parses");
-    let mut groups = rule["spec"]["groups"].clone();
-    for group in groups.as_array_mut().expect("groups") {
-        for r in group["rules"].as_array_mut().expect("rules") {
-            if let Some(a) = r["annotations"].as_object_mut()
-                && a.get("description")
-                    .and_then(Value::as_str)
-                    .is_some_and(|d| !d.contains("{{"))
-            {
-                a.remove("description");
-            }
-        }
-    }
-    serde_norway::to_string(&serde_json::json!({ "groups": groups })).expect("rules serialize")
-}
 
 /// Metric name → label names, from the operator's own exposition with one relay set.
 fn operator_series() -> BTreeMap<String, BTreeSet<String>> {
@@ -113,7 +81,7 @@ fn test_series_have_the_operators_names_and_labels() {
 fn promtool_passes_the_rule_tests() {
     let promtool = tool("promtool");
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("rules.yaml"), rendered_rules()).expect("write rules");
+    std::fs::write(dir.path().join("rules.yaml"), chart_rules()).expect("write rules");
     let cases = dir.path().join("operator-rules.test.yaml");
     std::fs::copy(CASES, &cases).expect("copy cases");
 
@@ -138,7 +106,7 @@ fn promtool_passes_the_rule_tests() {
 fn promtool_fails_a_rule_with_a_fixed_threshold() {
     let promtool = tool("promtool");
     let dir = tempfile::tempdir().expect("tempdir");
-    let rules = rendered_rules().replace(
+    let rules = chart_rules().replace(
         "outbox_operator_slot_lag_bytes >= outbox_operator_slot_lag_warning_bytes",
         "outbox_operator_slot_lag_bytes > 1073741824",
     );

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde_json::Value;
+
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator");
 
@@ -47,4 +49,36 @@ pub fn run(what: &str, cmd: &mut Command) -> String {
     let (ok, stdout, stderr) = output(what, cmd);
     assert!(ok, "{what} failed:\n{stdout}\n{stderr}");
     stdout
+}
+
+/// The chart's rule groups as a plain Prometheus rules file. Descriptions without a
+/// template are dropped: they are prose, and repeating them in every case would test
+/// nothing but copying; summaries (templated) stay and are compared.
+pub fn chart_rules() -> String {
+    let yaml = run(
+        "helm template",
+        helm().args([
+            "template",
+            "outbox-operator",
+            CHART,
+            "--set",
+            "prometheusRule.enabled=true",
+            "--show-only",
+            "templates/prometheusrule.yaml",
+        ]),
+    );
+    let rule: Value = serde_norway::from_str(&yaml).expect("the PrometheusRule parses");
+    let mut groups = rule["spec"]["groups"].clone();
+    for group in groups.as_array_mut().expect("groups") {
+        for r in group["rules"].as_array_mut().expect("rules") {
+            if let Some(a) = r["annotations"].as_object_mut()
+                && a.get("description")
+                    .and_then(Value::as_str)
+                    .is_some_and(|d| !d.contains("{{"))
+            {
+                a.remove("description");
+            }
+        }
+    }
+    serde_norway::to_string(&serde_json::json!({ "groups": groups })).expect("rules serialize")
 }
