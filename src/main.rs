@@ -1,5 +1,5 @@
 //! One binary, several roles: `operator` (the controller), `relay` (the worker),
-//! `crd` (prints the CRD).
+//! `crd` (prints the CRD), `spec-reference` (prints docs/spec-reference.md).
 //! Wiring only; the logic lives in the library.
 
 use std::net::SocketAddr;
@@ -28,6 +28,8 @@ struct Cli {
 enum Command {
     /// Print the OutboxRelay CustomResourceDefinition as YAML.
     Crd,
+    /// Print the spec reference (Markdown) generated from the CRD schema.
+    SpecReference,
     /// Run the relay worker: stream the slot, publish to Kafka, confirm after acks.
     Relay(RelayArgs),
     /// Run the operator: reconcile OutboxRelays into worker Deployments, publications and slots.
@@ -75,6 +77,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Crd => {
             print!("{}", serde_norway::to_string(&OutboxRelay::crd())?);
+            Ok(())
+        }
+        Command::SpecReference => {
+            print!("{}", outbox_operator::api::reference::spec_reference());
             Ok(())
         }
         Command::Relay(args) => {

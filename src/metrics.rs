@@ -138,6 +138,19 @@ pub struct RelayLabels {
     pub name: String,
 }
 
+/// One series per relay and `pg_replication_slots.wal_status` value: four per relay,
+/// exactly one of them 1 (the kube-state-metrics shape for an enum, so alerts select
+/// a status by label instead of decoding a number).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WalStatusLabels {
+    pub namespace: String,
+    pub name: String,
+    pub wal_status: &'static str,
+}
+
+/// Every value `pg_replication_slots.wal_status` takes, from safest to lost.
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusUpdateLabels {
     /// `written`, or `unchanged` when the computed status equalled the stored one.
@@ -154,6 +167,10 @@ pub struct OperatorMetrics {
     pub slot_retained_bytes: Family<RelayLabels, Gauge>,
     pub slot_active: Family<RelayLabels, Gauge>,
     pub slot_wal_lost: Family<RelayLabels, Gauge>,
+    pub slot_wal_status: Family<WalStatusLabels, Gauge>,
+    pub slot_safe_wal_size_bytes: Family<RelayLabels, Gauge>,
+    pub slot_lag_warning_bytes: Family<RelayLabels, Gauge>,
+    pub slot_lag_critical_bytes: Family<RelayLabels, Gauge>,
     pub slot_lost: Family<RelayLabels, Gauge>,
     pub conflict: Family<RelayLabels, Gauge>,
     pub ready: Family<RelayLabels, Gauge>,
@@ -173,6 +190,10 @@ pub struct RelayGauges {
     pub slot_lost: bool,
     /// Another relay holds the slot or publication this relay names.
     pub conflict: bool,
+    /// The relay's own lag thresholds (`spec.replication.lag`), exported so one alert
+    /// rule compares every relay's lag with that relay's budget.
+    pub lag_warning_bytes: i64,
+    pub lag_critical_bytes: i64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -181,6 +202,12 @@ pub struct SlotGauges {
     pub retained_bytes: i64,
     pub active: bool,
     pub wal_lost: bool,
+    /// `pg_replication_slots.wal_status`; `None` when the server reports none.
+    pub wal_status: Option<String>,
+    /// `pg_replication_slots.safe_wal_size`: WAL bytes that can still be written before
+    /// the slot is in danger of losing its WAL. `None` when `max_slot_wal_keep_size`
+    /// is unlimited (-1): nothing bounds the slot, so no series is exported.
+    pub safe_wal_size: Option<i64>,
 }
 
 impl OperatorMetrics {
@@ -194,6 +221,10 @@ impl OperatorMetrics {
         let slot_retained_bytes = Family::<RelayLabels, Gauge>::default();
         let slot_active = Family::<RelayLabels, Gauge>::default();
         let slot_wal_lost = Family::<RelayLabels, Gauge>::default();
+        let slot_wal_status = Family::<WalStatusLabels, Gauge>::default();
+        let slot_safe_wal_size_bytes = Family::<RelayLabels, Gauge>::default();
+        let slot_lag_warning_bytes = Family::<RelayLabels, Gauge>::default();
+        let slot_lag_critical_bytes = Family::<RelayLabels, Gauge>::default();
         let slot_lost = Family::<RelayLabels, Gauge>::default();
         let conflict = Family::<RelayLabels, Gauge>::default();
         let ready = Family::<RelayLabels, Gauge>::default();
@@ -237,6 +268,28 @@ impl OperatorMetrics {
             slot_wal_lost.clone(),
         );
         r.register(
+            "slot_wal_status",
+            "1 for the slot's current pg_replication_slots.wal_status (reserved, extended, unreserved, lost), \
+             0 for the others",
+            slot_wal_status.clone(),
+        );
+        r.register(
+            "slot_safe_wal_size_bytes",
+            "WAL bytes that can still be written before the slot risks losing its WAL \
+             (pg_replication_slots.safe_wal_size; absent when max_slot_wal_keep_size is unlimited)",
+            slot_safe_wal_size_bytes.clone(),
+        );
+        r.register(
+            "slot_lag_warning_bytes",
+            "The relay's spec.replication.lag.warningBytes",
+            slot_lag_warning_bytes.clone(),
+        );
+        r.register(
+            "slot_lag_critical_bytes",
+            "The relay's spec.replication.lag.criticalBytes",
+            slot_lag_critical_bytes.clone(),
+        );
+        r.register(
             "slot_lost",
             "1 while the relay's slot is lost (gone, WAL removed, publication dropped) or the server changed: \
              events may be missing and the status says from where",
@@ -267,6 +320,10 @@ impl OperatorMetrics {
             slot_retained_bytes,
             slot_active,
             slot_wal_lost,
+            slot_wal_status,
+            slot_safe_wal_size_bytes,
+            slot_lag_warning_bytes,
+            slot_lag_critical_bytes,
             slot_lost,
             conflict,
             ready,
@@ -303,11 +360,27 @@ impl OperatorMetrics {
         self.ready.get_or_create(&l).set(i64::from(g.ready));
         self.slot_lost.get_or_create(&l).set(i64::from(g.slot_lost));
         self.conflict.get_or_create(&l).set(i64::from(g.conflict));
+        self.slot_lag_warning_bytes.get_or_create(&l).set(g.lag_warning_bytes);
+        self.slot_lag_critical_bytes.get_or_create(&l).set(g.lag_critical_bytes);
         if let Some(s) = &g.slot {
             self.slot_lag_bytes.get_or_create(&l).set(s.lag_bytes);
             self.slot_retained_bytes.get_or_create(&l).set(s.retained_bytes);
             self.slot_active.get_or_create(&l).set(i64::from(s.active));
             self.slot_wal_lost.get_or_create(&l).set(i64::from(s.wal_lost));
+            for status in WAL_STATUSES {
+                let current = s.wal_status.as_deref() == Some(status);
+                self.slot_wal_status
+                    .get_or_create(&wal_status_labels(&l, status))
+                    .set(i64::from(current));
+            }
+            match s.safe_wal_size {
+                Some(bytes) => {
+                    self.slot_safe_wal_size_bytes.get_or_create(&l).set(bytes);
+                }
+                None => {
+                    self.slot_safe_wal_size_bytes.remove(&l);
+                }
+            }
         }
     }
 
@@ -322,6 +395,12 @@ impl OperatorMetrics {
         self.slot_retained_bytes.remove(&l);
         self.slot_active.remove(&l);
         self.slot_wal_lost.remove(&l);
+        for status in WAL_STATUSES {
+            self.slot_wal_status.remove(&wal_status_labels(&l, status));
+        }
+        self.slot_safe_wal_size_bytes.remove(&l);
+        self.slot_lag_warning_bytes.remove(&l);
+        self.slot_lag_critical_bytes.remove(&l);
         self.slot_lost.remove(&l);
         self.conflict.remove(&l);
     }
@@ -344,6 +423,14 @@ impl OperatorMetrics {
 impl Default for OperatorMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+fn wal_status_labels(l: &RelayLabels, wal_status: &'static str) -> WalStatusLabels {
+    WalStatusLabels {
+        namespace: l.namespace.clone(),
+        name: l.name.clone(),
+        wal_status,
     }
 }
 
@@ -398,9 +485,13 @@ mod tests {
                     retained_bytes: 84,
                     active: true,
                     wal_lost: false,
+                    wal_status: Some("unreserved".into()),
+                    safe_wal_size: Some(4096),
                 }),
                 slot_lost: true,
                 conflict: false,
+                lag_warning_bytes: 100,
+                lag_critical_bytes: 200,
             },
         );
         let text = m.encode();
@@ -415,11 +506,46 @@ mod tests {
             "outbox_operator_ready{namespace=\"shop\",name=\"orders\"} 1",
             "outbox_operator_slot_lost{namespace=\"shop\",name=\"orders\"} 1",
             "outbox_operator_conflict{namespace=\"shop\",name=\"orders\"} 0",
+            "outbox_operator_slot_wal_status{namespace=\"shop\",name=\"orders\",wal_status=\"unreserved\"} 1",
+            "outbox_operator_slot_wal_status{namespace=\"shop\",name=\"orders\",wal_status=\"reserved\"} 0",
+            "outbox_operator_slot_wal_status{namespace=\"shop\",name=\"orders\",wal_status=\"extended\"} 0",
+            "outbox_operator_slot_wal_status{namespace=\"shop\",name=\"orders\",wal_status=\"lost\"} 0",
+            "outbox_operator_slot_safe_wal_size_bytes{namespace=\"shop\",name=\"orders\"} 4096",
+            "outbox_operator_slot_lag_warning_bytes{namespace=\"shop\",name=\"orders\"} 100",
+            "outbox_operator_slot_lag_critical_bytes{namespace=\"shop\",name=\"orders\"} 200",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         m.remove_relay("shop", "orders");
         let text = m.encode();
         assert!(!text.contains("name=\"orders\""), "{text}");
+    }
+
+    #[test]
+    fn unlimited_safe_wal_size_drops_the_series() {
+        let m = OperatorMetrics::new();
+        let mut g = RelayGauges {
+            slot: Some(SlotGauges {
+                wal_status: Some("reserved".into()),
+                safe_wal_size: Some(1),
+                ..SlotGauges::default()
+            }),
+            ..RelayGauges::default()
+        };
+        m.set_relay("shop", "orders", &g);
+        assert!(m.encode().contains("outbox_operator_slot_safe_wal_size_bytes{"));
+        // max_slot_wal_keep_size set back to unlimited: a stale small value would alert.
+        if let Some(s) = g.slot.as_mut() {
+            s.safe_wal_size = None;
+        }
+        m.set_relay("shop", "orders", &g);
+        let text = m.encode();
+        assert!(!text.contains("outbox_operator_slot_safe_wal_size_bytes{"), "{text}");
+        assert!(
+            text.contains(
+                "outbox_operator_slot_wal_status{namespace=\"shop\",name=\"orders\",wal_status=\"reserved\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

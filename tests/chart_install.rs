@@ -184,6 +184,8 @@ fn operator_metric_names() -> BTreeSet<String> {
         retained_bytes: 1,
         active: true,
         wal_lost: false,
+        wal_status: Some("reserved".into()),
+        safe_wal_size: Some(1),
     };
     m.set_relay(
         "ns",

@@ -36,6 +36,7 @@ fn config(pg: &Postgres, db: &str) -> PgConnectConfig {
         ssl_mode: PgSslMode::Prefer,
         ca_pem: None,
         application_name: "provisioning-test".to_string(),
+        allow_cleartext_password: false,
     }
 }
 
@@ -509,6 +510,7 @@ async fn silent_server_times_out_as_unreachable() {
         ssl_mode: PgSslMode::Prefer,
         ca_pem: None,
         application_name: "provisioning-test".into(),
+        allow_cleartext_password: false,
     };
     let started = Instant::now();
     let err = postgres::connect(&cfg).await.expect_err("no answer");

@@ -231,6 +231,9 @@ async fn md5_cleartext_and_trust_logins() {
         let mut c = config(pg, "postgres");
         c.user = user.clone();
         c.password = password.map(str::to_owned);
+        // Cleartext over this plaintext connection only with the explicit opt-in
+        // (tests/postgres_cleartext_password.rs shows the refusal).
+        c.allow_cleartext_password = *user == clear;
         // The reload is asynchronous; the first attempts may still see the
         // old rules.
         let deadline = Instant::now() + WAIT;

@@ -8,6 +8,7 @@
 pub mod annotations;
 pub mod conditions;
 pub mod names;
+pub mod reference;
 
 use std::collections::BTreeMap;
 
@@ -156,6 +157,12 @@ pub struct PgTlsSpec {
     /// CA certificate (PEM) that signs the server certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Answer a server that asks for the password in clear text (`password`
+    /// authentication) over an unencrypted connection. Off by default: with `Prefer`
+    /// the connection can fall back to plaintext, and the password would cross the
+    /// network readable. Over TLS, or with MD5 or SCRAM, this setting does not matter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_cleartext_password: bool,
 }
 
 /// libpq's `sslmode`, in CamelCase.

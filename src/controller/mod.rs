@@ -369,7 +369,7 @@ async fn reconcile_apply(relay: &OutboxRelay, ctx: &Context) -> Result<Action, E
     ctx.metrics.set_relay(
         &relay.namespace().unwrap_or_default(),
         &relay.name_any(),
-        &status::gauges(&desired, &outcome.observed),
+        &status::gauges(relay, &desired, &outcome.observed),
     );
     match write {
         Ok(written) => {

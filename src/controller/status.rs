@@ -423,8 +423,8 @@ pub async fn write(client: &Client, relay: &OutboxRelay, status: &OutboxRelaySta
     .map(|_| ())
 }
 
-/// The relay's gauges from the status just computed.
-pub fn gauges(status: &OutboxRelayStatus, observed: &Observed) -> RelayGauges {
+/// The relay's gauges from the status just computed, with its own lag thresholds.
+pub fn gauges(relay: &OutboxRelay, status: &OutboxRelayStatus, observed: &Observed) -> RelayGauges {
     let ready = status
         .conditions
         .iter()
@@ -435,6 +435,8 @@ pub fn gauges(status: &OutboxRelayStatus, observed: &Observed) -> RelayGauges {
             retained_bytes: s.retained_bytes.unwrap_or(0),
             active: s.active,
             wal_lost: s.wal_status.as_deref() == Some("lost"),
+            wal_status: s.wal_status.clone(),
+            safe_wal_size: s.safe_wal_size,
         }),
         _ => None,
     };
@@ -445,11 +447,14 @@ pub fn gauges(status: &OutboxRelayStatus, observed: &Observed) -> RelayGauges {
         ),
         _ => (false, false),
     };
+    let lag = &relay.spec.replication.lag;
     RelayGauges {
         ready,
         slot,
         slot_lost,
         conflict,
+        lag_warning_bytes: lag.warning_bytes,
+        lag_critical_bytes: lag.critical_bytes,
     }
 }
 
@@ -657,7 +662,7 @@ mod tests {
         let s = at(0, "lost");
         assert_eq!(cond(&s, "Ready").1, "WalLost");
         assert!(
-            gauges(&s, &observed(provisioned(Some(slot(0, "lost"))), available(1)))
+            gauges(&r, &s, &observed(provisioned(Some(slot(0, "lost"))), available(1)))
                 .slot
                 .unwrap()
                 .wal_lost
@@ -666,6 +671,20 @@ mod tests {
         let s = desired_status(&r, &observed(provisioned(None), available(1)), &t(1));
         assert_eq!(cond(&s, "SlotHealthy").1, "SlotMissing");
         assert_eq!(cond(&s, "Ready").0, "False");
+    }
+
+    #[test]
+    fn gauges_carry_wal_status_safe_size_and_the_relays_own_thresholds() {
+        let r = OutboxRelay::test().with_lag(100, 1000);
+        let mut info = slot(50, "unreserved");
+        info.safe_wal_size = Some(-4096);
+        let o = observed(provisioned(Some(info)), available(1));
+        let g = gauges(&r, &desired_status(&r, &o, &t(1)), &o);
+        assert_eq!((g.lag_warning_bytes, g.lag_critical_bytes), (100, 1000));
+        let s = g.slot.expect("slot gauges");
+        assert_eq!(s.wal_status.as_deref(), Some("unreserved"));
+        assert_eq!(s.safe_wal_size, Some(-4096));
+        assert!(!s.wal_lost);
     }
 
     #[test]

@@ -9,7 +9,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use tokio::net::TcpStream;
+use tokio_postgres::tls::MakeTlsConnect;
+
 use super::PgError;
+use super::auth::{CleartextGuard, is_refusal};
 use super::error::{render_chain, render_db_error};
 use super::tls::tls_client_config;
 use crate::api::{DatabaseSpec, PgSslMode};
@@ -36,6 +40,9 @@ pub struct PgConnectConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// Shown in `pg_stat_activity`, so a DBA can tell which relay holds a connection.
     pub application_name: String,
+    /// Send the password when the server asks for it in clear text over a
+    /// connection without TLS (see [`super::auth`]).
+    pub allow_cleartext_password: bool,
 }
 
 // Hand-written so the password never reaches a log line.
@@ -50,6 +57,7 @@ impl fmt::Debug for PgConnectConfig {
             .field("ssl_mode", &self.ssl_mode)
             .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("<{} bytes>", p.len())))
             .field("application_name", &self.application_name)
+            .field("allow_cleartext_password", &self.allow_cleartext_password)
             .finish()
     }
 }
@@ -79,6 +87,7 @@ impl PgConnectConfig {
             ssl_mode: spec.tls.mode,
             ca_pem,
             application_name: application_name.into(),
+            allow_cleartext_password: spec.tls.allow_cleartext_password,
         })
     }
 
@@ -111,18 +120,32 @@ impl PgConnectConfig {
 ///
 /// Failures are sorted into what a user has to fix: an unreachable server,
 /// rejected credentials, a missing database, or TLS trouble.
+///
+/// The socket is opened here rather than by tokio-postgres so that it runs under a
+/// [`CleartextGuard`]: tokio-postgres would answer a cleartext password request on
+/// a plaintext connection without asking anyone.
 pub async fn connect(cfg: &PgConnectConfig) -> Result<Client, PgError> {
     let pg = cfg.to_tokio_config();
     let tls = tls_client_config(cfg.ssl_mode, cfg.ca_pem.as_deref())?;
     let attempt = async {
+        let socket = CleartextGuard::new(tcp_connect(cfg).await?, cfg.allow_cleartext_password);
         match tls {
             None => {
-                let (client, conn) = pg.connect(NoTls).await?;
+                let (client, conn) = pg.connect_raw(socket, NoTls).await.map_err(Failure::Pg)?;
                 spawn_connection(conn);
                 Ok(client)
             }
             Some(tls) => {
-                let (client, conn) = pg.connect(MakeRustlsConnect::new(tls)).await?;
+                let mut make = MakeRustlsConnect::new(tls);
+                let tls = <MakeRustlsConnect as MakeTlsConnect<CleartextGuard<TcpStream>>>::make_tls_connect(
+                    &mut make, &cfg.host,
+                )
+                .map_err(|e| {
+                    Failure::Early(PgError::TlsConfig {
+                        reason: format!("host {:?} is not a valid TLS server name: {e}", cfg.host),
+                    })
+                })?;
+                let (client, conn) = pg.connect_raw(socket, tls).await.map_err(Failure::Pg)?;
                 spawn_connection(conn);
                 Ok(client)
             }
@@ -130,13 +153,40 @@ pub async fn connect(cfg: &PgConnectConfig) -> Result<Client, PgError> {
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
         Ok(Ok(client)) => Ok(client),
-        Ok(Err(e)) => Err(classify_connect_error(cfg, &e)),
+        Ok(Err(Failure::Early(e))) => Err(e),
+        Ok(Err(Failure::Pg(e))) => Err(classify_connect_error(cfg, &e)),
         Err(_) => Err(PgError::DatabaseUnreachable {
             host: cfg.host.clone(),
             port: cfg.port,
             detail: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
         }),
     }
+}
+
+enum Failure {
+    /// Before tokio-postgres got the socket: already sorted.
+    Early(PgError),
+    Pg(tokio_postgres::Error),
+}
+
+/// TCP with what `tokio_postgres::Config::connect` would set up itself: no Nagle
+/// delay, and keepalives so a vanished server is noticed.
+async fn tcp_connect(cfg: &PgConnectConfig) -> Result<TcpStream, Failure> {
+    let unreachable = |e: std::io::Error| {
+        Failure::Early(PgError::DatabaseUnreachable {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            detail: e.to_string(),
+        })
+    };
+    let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+        .await
+        .map_err(unreachable)?;
+    tcp.set_nodelay(true).map_err(unreachable)?;
+    socket2::SockRef::from(&tcp)
+        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(KEEPALIVE_IDLE))
+        .map_err(unreachable)?;
+    Ok(tcp)
 }
 
 fn spawn_connection<F>(conn: F)
@@ -176,6 +226,12 @@ fn classify_connect_error(cfg: &PgConnectConfig, e: &tokio_postgres::Error) -> P
                 port: cfg.port,
                 detail: render_db_error(db),
             }
+        };
+    }
+    if is_refusal(e) {
+        return PgError::CleartextPasswordRefused {
+            host: cfg.host.clone(),
+            port: cfg.port,
         };
     }
     let detail = render_chain(e);

@@ -39,6 +39,14 @@ pub enum PgError {
     #[error("PostgreSQL rejected the credentials of user {user:?}: {detail}")]
     AuthenticationFailed { user: String, detail: String },
 
+    #[error(
+        "PostgreSQL at {host}:{port} asked for the password in clear text (password authentication) over an \
+         unencrypted connection, and it was not sent: use tls.mode Require, VerifyCa or VerifyFull, or have the \
+         server ask for scram-sha-256 (pg_hba.conf); only if the network is trusted, set \
+         spec.database.tls.allowCleartextPassword: true"
+    )]
+    CleartextPasswordRefused { host: String, port: u16 },
+
     #[error("database {database:?} does not exist on the PostgreSQL server")]
     DatabaseNotFound { database: String },
 
@@ -120,6 +128,7 @@ impl PgError {
             PgError::TlsHandshake { .. } => "TlsHandshakeFailed",
             PgError::DatabaseUnreachable { .. } | PgError::ConnectionLost { .. } => reasons::DATABASE_UNREACHABLE,
             PgError::AuthenticationFailed { .. } => reasons::AUTHENTICATION_FAILED,
+            PgError::CleartextPasswordRefused { .. } => "CleartextPasswordRefused",
             PgError::DatabaseNotFound { .. } => "DatabaseNotFound",
             PgError::ServerIsStandby => "ServerIsStandby",
             PgError::UnsupportedServerVersion { .. } => "UnsupportedServerVersion",

@@ -6,6 +6,7 @@
 //! worker (which streams over its own replication connection, see `relay`, with
 //! the same TLS policy from [`tls`] and the same quoting from [`ident`]).
 
+pub mod auth;
 pub mod binding;
 pub mod connect;
 pub mod error;

@@ -78,6 +78,8 @@ pub struct ReplicationConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// Bound on TCP connect, TLS and authentication together.
     pub connect_timeout: Duration,
+    /// Answer a cleartext password request without TLS (`crate::postgres::auth`).
+    pub allow_cleartext_password: bool,
 }
 
 impl ReplicationConfig {
@@ -89,6 +91,7 @@ impl ReplicationConfig {
         r.application_name = c.application_name.clone();
         r.ssl_mode = c.ssl_mode;
         r.ca_pem = c.ca_pem.clone();
+        r.allow_cleartext_password = c.allow_cleartext_password;
         r
     }
 
@@ -105,6 +108,7 @@ impl ReplicationConfig {
             ssl_mode: PgSslMode::Prefer,
             ca_pem: None,
             connect_timeout: Duration::from_secs(30),
+            allow_cleartext_password: false,
         }
     }
 }
@@ -207,6 +211,11 @@ pub enum ReplicationError {
     },
     #[error("server requires {method} authentication but no password is configured")]
     PasswordRequired { method: &'static str },
+    #[error(
+        "server asked for the password in clear text over an unencrypted connection; refused (use TLS, \
+         scram-sha-256, or spec.database.tls.allowCleartextPassword)"
+    )]
+    CleartextPasswordRefused,
     #[error("server asked for unsupported authentication method {method}")]
     UnsupportedAuth { method: String },
     #[error("authentication exchange failed: {reason}")]
@@ -235,6 +244,7 @@ impl ReplicationError {
             ReplicationError::TlsHandshake { .. } => "TlsHandshake",
             ReplicationError::PasswordRequired { .. } => "PasswordRequired",
             ReplicationError::UnsupportedAuth { .. } => "UnsupportedAuth",
+            ReplicationError::CleartextPasswordRefused => "CleartextPasswordRefused",
             ReplicationError::AuthProtocol { .. } => "AuthProtocol",
             ReplicationError::Server(_) if self.is_slot_in_use() => "SlotInUse",
             ReplicationError::Server(_) if self.is_slot_missing() => "SlotMissing",
@@ -476,6 +486,8 @@ impl ReplicationConnection {
                     return Ok(());
                 }
                 3 => {
+                    crate::postgres::auth::cleartext_allowed(self.tls, config.allow_cleartext_password)
+                        .map_err(|_| ReplicationError::CleartextPasswordRefused)?;
                     let password = password(config, "cleartext password")?;
                     frontend::password_message(password.as_bytes(), &mut self.wbuf)
                         .map_err(|e| invalid_argument("password", e))?;

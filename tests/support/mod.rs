@@ -82,6 +82,7 @@ impl Fixture {
             ssl_mode: outbox_operator::api::PgSslMode::Disable,
             ca_pem: None,
             application_name: "outbox-tests".into(),
+            allow_cleartext_password: false,
         }
     }
 
