@@ -44,7 +44,7 @@ pub async fn cluster() -> &'static Cluster {
             let t = Instant::now();
             helm_install(c, &[]);
             let client = c.kube.client().await.expect("client");
-            await_deployment_available(&client, OPERATOR_NS, RELEASE, 1).await;
+            await_deployment_available(&client, OPERATOR_NS, RELEASE, 2).await;
             eprintln!(
                 "cluster: chart installed, operator pods ready in {:.1}s",
                 t.elapsed().as_secs_f32()

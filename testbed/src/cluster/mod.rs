@@ -257,6 +257,24 @@ impl Cluster {
         import(&self.ctr, &self.socket, &tar, &log).await
     }
 
+    /// SIGKILLs a container's process through containerd, as a crash would: no
+    /// SIGTERM, no clean shutdown. `id` as in a pod's `containerStatuses[].containerID`
+    /// (with or without the `containerd://` prefix).
+    pub async fn kill_container(&self, id: &str) -> Result<()> {
+        let id = id.strip_prefix("containerd://").unwrap_or(id);
+        let mut cmd = Command::new(&self.ctr);
+        cmd.arg("--address").arg(&self.socket).args([
+            "--namespace",
+            "k8s.io",
+            "tasks",
+            "kill",
+            "--signal",
+            "SIGKILL",
+            id,
+        ]);
+        process::run_logged(&format!("ctr tasks kill {id}"), cmd, &self.root.join("ctr.log")).await
+    }
+
     /// The last lines of every node and control-plane log, for failure messages.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
