@@ -128,6 +128,17 @@ impl KubeApi {
         ];
         if options.cluster {
             args.push("--authorization-mode=Node,RBAC".into());
+            // What service accounts (pods) asked for and what they were answered,
+            // so a test can prove that no request of the operator was forbidden.
+            let policy = root.join("audit-policy.yaml");
+            std::fs::write(
+                &policy,
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  \
+                 - level: Metadata\n    userGroups: [\"system:serviceaccounts\"]\n  - level: None\n",
+            )
+            .context(|| format!("writing {}", policy.display()))?;
+            args.push(format!("--audit-policy-file={}", policy.display()).into());
+            args.push(format!("--audit-log-path={}", root.join("audit.log").display()).into());
         } else {
             args.push("--authorization-mode=RBAC".into());
             // No controller-manager creates the default service accounts, so the
@@ -278,6 +289,11 @@ impl KubeApi {
     /// The CA that signed the serving certificate (in the same file).
     pub fn ca_path(&self) -> PathBuf {
         self.kubeconfig.with_file_name("certs").join("apiserver.crt")
+    }
+
+    /// The audit log of a cluster's API server (requests of service accounts).
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.kubeconfig.with_file_name("audit.log")
     }
 
     /// The private key that signs service-account tokens.

@@ -365,6 +365,136 @@ pub fn merge(base: &mut Value, patch: Value) {
     }
 }
 
+/// Inserts one transaction of one event per aggregate every 20 ms (at most 3000
+/// transactions) until stopped; event `seq` n of every aggregate is in round n.
+pub struct Writer {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Writer {
+    /// Stops writing; the ids of every committed event.
+    pub async fn stop(self) -> Vec<String> {
+        let _ = self.stop.send(true);
+        self.task.await.expect("writer task")
+    }
+}
+
+impl Case {
+    pub fn start_writer(&self, aggregates: usize) -> Writer {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let (cluster, db) = (self.cluster, self.db.clone());
+        let task = tokio::spawn(async move {
+            let client = cluster.pg.client(&db).await.expect("writer connects");
+            let mut ids = Vec::new();
+            for seq in 1..=3000 {
+                if *rx.borrow() {
+                    break;
+                }
+                let sql = format!(
+                    "INSERT INTO public.outbox (aggregatetype, aggregateid, type, payload)
+                     SELECT 'Order', 'agg-' || i, 'OrderCreated', jsonb_build_object('seq', {seq})
+                     FROM generate_series(0, {}) AS i ORDER BY i RETURNING id::text",
+                    aggregates - 1
+                );
+                let rows = client.query(sql.as_str(), &[]).await.expect("writer inserts");
+                ids.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ids
+        });
+        Writer { stop, task }
+    }
+
+    /// Every id arrives on the topic, in order per key; dumps the relay otherwise.
+    pub async fn assert_delivered(&self, relay: &str, ids: &[String]) {
+        let expect = id_set(ids);
+        let records = crate::support::consume_async(
+            &self.cluster.kafka.bootstrap(),
+            &self.topic,
+            &expect,
+            Duration::from_secs(90),
+            Duration::from_millis(500),
+        )
+        .await;
+        let seen: HashSet<&str> = records.iter().filter_map(|r| r.id.as_deref()).collect();
+        let missing = expect.iter().filter(|id| !seen.contains(id.as_str())).count();
+        if missing > 0 {
+            panic!(
+                "{missing} of {} events never arrived ({} records read)\n{}",
+                expect.len(),
+                records.len(),
+                self.dump(relay).await
+            );
+        }
+        if let Err(e) = crate::support::check_per_key_order(&records) {
+            panic!("{e}\n{}", self.dump(relay).await);
+        }
+    }
+
+    /// Merges `patch` into the relay's spec.
+    pub async fn patch_spec(&self, relay: &str, patch: Value) {
+        self.relays()
+            .patch(
+                relay,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "spec": patch })),
+            )
+            .await
+            .expect("patch relay spec");
+    }
+
+    /// Waits until `n` pods are Ready and none of them is in `old`.
+    pub async fn await_replaced(&self, relay: &str, old: &[String], n: usize) -> Vec<Pod> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let pods = self.ready_pods(relay).await;
+            let all = self
+                .pods()
+                .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={relay}")))
+                .await
+                .expect("list pods");
+            let olds_left = all.items.iter().any(|p| old.contains(&p.name_any()));
+            if pods.len() == n && !olds_left {
+                return pods;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pods of {relay} not replaced after {WAIT:?}\n{}",
+                    self.dump(relay).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn slot_exists(&self, slot: &str) -> bool {
+        let c = self.sql().await;
+        c.query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .expect("query slots")
+            .is_some()
+    }
+
+    pub async fn publication_exists(&self, publication: &str) -> bool {
+        let c = self.sql().await;
+        c.query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+            .await
+            .expect("query publications")
+            .is_some()
+    }
+}
+
+/// `GET path` on the pod's port 8080 (the tests run inside the cluster's network).
+pub async fn pod_get(pod: &Pod, path: &str) -> Option<(u16, String)> {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+    outbox_testbed::http_get(&format!("{ip}:8080"), path).await
+}
+
+pub fn names(pods: &[Pod]) -> Vec<String> {
+    pods.iter().map(ResourceExt::name_any).collect()
+}
+
 /// The ids in `ids` as a set, for the consumer.
 pub fn id_set(ids: &[String]) -> HashSet<String> {
     ids.iter().cloned().collect()
