@@ -25,6 +25,41 @@ macro_rules! cluster_tests {
     };
 }
 
+/// The `main` of a program other than a test (the demo) that runs on the cluster:
+/// re-executes itself in the namespaces, then runs `body` there.
+pub fn run_isolated<F, Fut, E>(body: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    if !super::isolate::inside() {
+        return super::isolate::run_outer();
+    }
+    if let Err(e) = super::isolate::prepare_inside() {
+        eprintln!("cluster test bed: setting up the namespaces failed: {e}");
+        return ExitCode::FAILURE;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("building a tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(body()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The `main` of a cluster test binary.
 pub fn main(tests: &[(&'static str, TestFn)]) -> ExitCode {
     if !super::isolate::inside() {

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::Api;
 
-pub use harness::{TestFn, main};
+pub use harness::{TestFn, main, run_isolated};
 pub use isolate::{BRIDGE_ADDRESS, POD_CIDR};
 
 use crate::components::ClusterComponents;
