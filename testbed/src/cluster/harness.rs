@@ -5,8 +5,8 @@
 //! re-executes itself ([`super::isolate`]); inside, it runs the tests one after
 //! another on the shared cluster (they would compete for two cores anyway) and
 //! prints libtest's lines, including the `test result:` summary that `hack/test`
-//! adds up. Arguments: an optional name filter (substring, or exact with
-//! `--exact`); `--list` lists; other flags are accepted and ignored.
+//! adds up. Arguments: name filters (substrings, or exact names with `--exact`);
+//! `--list` lists; other flags are accepted and ignored.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -67,13 +67,14 @@ pub fn main(tests: &[(&'static str, TestFn)]) -> ExitCode {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let exact = args.iter().any(|a| a == "--exact");
-    let filter = args.iter().find(|a| !a.starts_with('-'));
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     let selected: Vec<_> = tests
         .iter()
-        .filter(|(name, _)| match filter {
-            None => true,
-            Some(f) if exact => name == f,
-            Some(f) => name.contains(f.as_str()),
+        .filter(|(name, _)| {
+            filters.is_empty()
+                || filters
+                    .iter()
+                    .any(|f| if exact { name == f } else { name.contains(f.as_str()) })
         })
         .collect();
     if args.iter().any(|a| a == "--list") {
