@@ -141,7 +141,11 @@ impl Elector {
     /// cannot reach the API server simply does not lead.
     pub async fn acquire(&mut self) {
         loop {
-            match self.try_once().await {
+            // Bounded: the client's own timeouts are sized for watches.
+            match tokio::time::timeout(self.timings.renew_deadline, self.try_once())
+                .await
+                .unwrap_or(Ok(false))
+            {
                 Ok(true) => {
                     info!(lease = %self.name, identity = %self.identity, "became the leader");
                     self.role.send_replace(Role::Leader);
@@ -160,16 +164,23 @@ impl Elector {
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(self.timings.retry).await;
-            match tokio::time::timeout(self.timings.retry, self.try_once()).await {
-                Ok(Ok(true)) => renewed = Instant::now(),
-                Ok(Ok(false)) => {
-                    // Someone else's name is in the Lease: we are not the leader.
-                    renewed = Instant::now() - self.timings.renew_deadline;
+            let taken = match tokio::time::timeout(self.timings.retry, self.try_once()).await {
+                Ok(Ok(true)) => {
+                    renewed = Instant::now();
+                    false
                 }
-                Ok(Err(e)) => warn!(error = %e, category = e.category(), "renewing the lease failed"),
-                Err(_) => warn!("renewing the lease timed out"),
-            }
-            if renewed.elapsed() >= self.timings.renew_deadline {
+                // Someone else's name is in the Lease: we are not the leader.
+                Ok(Ok(false)) => true,
+                Ok(Err(e)) => {
+                    warn!(error = %e, category = e.category(), "renewing the lease failed");
+                    false
+                }
+                Err(_) => {
+                    warn!("renewing the lease timed out");
+                    false
+                }
+            };
+            if taken || renewed.elapsed() >= self.timings.renew_deadline {
                 self.role.send_replace(Role::Candidate);
                 return LeaseError::Lost {
                     name: self.name.clone(),

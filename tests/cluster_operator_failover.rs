@@ -151,9 +151,11 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_goes() {
         "hand-over after killing the leader: {:.1}s (lease duration {LEASE:?})",
         crash.as_secs_f32()
     );
-    // The Lease expires LEASE after the last renewal (at most one retry period
-    // before the kill) and a follower notices within one retry period after that.
-    assert!(crash <= LEASE + Duration::from_secs(5), "took {crash:?}");
+    // The follower counts the lease duration from when it first saw the last
+    // renewal (up to one retry period after it) and looks again every retry
+    // period (2 s): the hand-over comes within the duration plus two of those,
+    // and a little slack for a busy API server.
+    assert!(crash <= LEASE + Duration::from_secs(6), "took {crash:?}");
     assert_ne!(pod_of(&third), "", "{third}");
 
     case.await_ready_pods("after", 1).await;
