@@ -31,7 +31,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 const NS: &str = "shop";
 const RELAY: &str = "orders";
 const ORDERS: usize = 60;
-const IMAGE: &str = "outbox-operator:demo";
+const IMAGE: &str = "localhost/outbox-operator:demo";
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator");
 
 fn say(msg: impl AsRef<str>) {

@@ -20,7 +20,7 @@ use outbox_testbed::{OUTBOX_DDL, unique_name};
 use serde_json::{Value, json};
 
 /// The image every pod runs: the binary these tests were built with.
-pub const IMAGE: &str = "outbox-operator:test";
+pub const IMAGE: &str = "localhost/outbox-operator:test";
 pub const OPERATOR_NS: &str = "outbox-system";
 pub const RELEASE: &str = "outbox-operator";
 pub const SECRET: &str = "pg-credentials";

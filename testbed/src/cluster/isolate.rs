@@ -107,8 +107,8 @@ fn outer() -> Result<ExitCode> {
     std::fs::create_dir_all(&tmp).context(|| format!("creating {}", tmp.display()))?;
 
     let exe = std::env::current_exe().context(|| "finding this test binary".into())?;
-    let mut child = Command::new("unshare")
-        .args(["--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"])
+    let mut cmd = tokio::process::Command::new("unshare");
+    cmd.args(["--net", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"])
         .args(["--propagation", "private", "--"])
         .arg(exe)
         .args(std::env::args_os().skip(1))
@@ -117,14 +117,8 @@ fn outer() -> Result<ExitCode> {
         // the run's directory, which is removed below even when its watchdogs were
         // killed with the namespace.
         .env("TMPDIR", &tmp)
-        .stdin(Stdio::piped())
-        .spawn()
-        .context(|| "starting unshare (util-linux)".into())?;
-    // Held, not closed, while waiting (`Child::wait` would close it first): its EOF
-    // is the inner run's signal that this process is gone.
-    let lifeline = child.stdin.take();
-    let status = child.wait().context(|| "waiting for the isolated run".into());
-    drop(lifeline);
+        .stdin(Stdio::piped());
+    let status = supervise(cmd);
 
     for (k, v) in &saved {
         let _ = std::fs::write(Path::new("/proc/sys").join(k), v);
@@ -144,6 +138,56 @@ fn outer() -> Result<ExitCode> {
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
         None => ExitCode::FAILURE,
     })
+}
+
+/// Runs the inner run to its end. Ctrl-C, TERM or HUP do not end this process
+/// before the host is restored: they close the lifeline, which ends the inner run
+/// (and with it the whole namespace), and the restoring goes on as usual.
+fn supervise(mut cmd: tokio::process::Command) -> Result<std::process::ExitStatus> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context(|| "building a runtime".into())?;
+    rt.block_on(async move {
+        let mut signals = Vec::new();
+        for kind in [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::hangup()] {
+            signals.push(signal(kind).context(|| "installing a signal handler".into())?);
+        }
+        let mut child = cmd.spawn().context(|| "starting unshare (util-linux)".into())?;
+        // Held, not closed, while waiting (`wait` would close it first): its EOF is
+        // the inner run's signal that this process is gone.
+        let mut lifeline = child.stdin.take();
+        loop {
+            let any_signal = any_of(&mut signals);
+            tokio::select! {
+                status = child.wait() => return status.context(|| "waiting for the isolated run".into()),
+                () = any_signal => {
+                    eprintln!("cluster test bed: interrupted; stopping the cluster and restoring the host");
+                    drop(lifeline.take());
+                }
+            }
+        }
+    })
+}
+
+async fn any_of(signals: &mut [tokio::signal::unix::Signal]) {
+    let waits = signals.iter_mut().map(|s| Box::pin(s.recv()));
+    select_all(waits).await;
+}
+
+/// The first of several futures to finish (a tiny `select_all`).
+async fn select_all<F: std::future::Future + Unpin>(futs: impl IntoIterator<Item = F>) {
+    let mut futs: Vec<F> = futs.into_iter().collect();
+    std::future::poll_fn(move |cx| {
+        for f in &mut futs {
+            if std::pin::Pin::new(f).poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// The processes of the namespace die asynchronously after its PID 1; their files

@@ -9,9 +9,9 @@
 //! bed's PostgreSQL and Kafka at the bridge's address [`BRIDGE_ADDRESS`], which is
 //! also where the test process reaches all three.
 //!
-//! Images are never pulled: [`Cluster::load_binary_image`] builds one from a binary
-//! (`hack/image`) and imports it into containerd, and the pause image comes from
-//! `hack/testbed fetch`.
+//! Images are never pulled: [`Cluster::load_binary_image`] builds the Dockerfile's
+//! runtime around a binary (`hack/image dockerfile`, podman) and imports it into
+//! containerd, and the pause image comes from `hack/testbed fetch`.
 
 mod config;
 mod harness;
@@ -243,16 +243,21 @@ impl Cluster {
         }
     }
 
-    /// Builds an image from `binary` with `hack/image` and imports it into the
-    /// node's containerd, under `tag` (pods then use `imagePullPolicy: Never` or
-    /// `IfNotPresent`).
+    /// Builds the Dockerfile's `prebuilt` target around `binary` (podman, no
+    /// registry, no network: `hack/image dockerfile`) and imports the image into
+    /// the node's containerd under `tag`, which should start with `localhost/` (how
+    /// podman names local images). Pods then use `imagePullPolicy: Never` or
+    /// `IfNotPresent`.
     pub async fn load_binary_image(&self, binary: &Path, tag: &str) -> Result<()> {
         let root = crate::components::repo_root()
             .ok_or_else(|| TestbedError::Other("no repository root with hack/image found".into()))?;
         let tar = self.root.join(format!("image-{}.tar", tag.replace(['/', ':'], "_")));
         let log = self.root.join("image.log");
         let mut build = Command::new(root.join("hack").join("image"));
-        build.arg(binary).arg(tag).arg(&tar);
+        build.arg("dockerfile").arg(binary).arg(tag).arg(&tar);
+        if let Some(cache) = crate::components::cache_dir() {
+            build.env("OUTBOX_TESTBED_CACHE", cache);
+        }
         process::run_logged("hack/image", build, &log).await?;
         import(&self.ctr, &self.socket, &tar, &log).await
     }
