@@ -1,7 +1,8 @@
 //! End-to-end demo on a real single-node Kubernetes cluster: the test bed starts
 //! etcd, kube-apiserver, the controller-manager, the scheduler, containerd, the
 //! kubelet and kube-proxy in private namespaces, with PostgreSQL and Kafka beside
-//! them. The operator image is built from the binary and loaded into the node;
+//! them. The operator image is built from the Dockerfile around the binary (podman,
+//! no registry) and loaded into the node;
 //! the chart is installed with Helm (two operator replicas, one Lease); an
 //! `OutboxRelay` is applied and the kubelet runs its worker pods; an "orders
 //! service" commits orders with their outbox events (some transactions roll back);
