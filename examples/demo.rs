@@ -1,26 +1,27 @@
-//! End-to-end demo on a local stack: PostgreSQL, Kafka (KRaft) and a Kubernetes
-//! API server start on loopback; the operator runs against that API server; an
-//! `OutboxRelay` is applied; an "orders service" commits orders with their
-//! outbox events (some transactions roll back); the events appear in Kafka.
+//! End-to-end demo on a real single-node Kubernetes cluster: the test bed starts
+//! etcd, kube-apiserver, the controller-manager, the scheduler, containerd, the
+//! kubelet and kube-proxy in private namespaces, with PostgreSQL and Kafka beside
+//! them. The operator image is built from the Dockerfile around the binary (podman,
+//! no registry) and loaded into the node;
+//! the chart is installed with Helm (two operator replicas, one Lease); an
+//! `OutboxRelay` is applied and the kubelet runs its worker pods; an "orders
+//! service" commits orders with their outbox events (some transactions roll back);
+//! the events appear in Kafka; deleting the relay garbage-collects its pods.
 //!
-//! The API server has no kubelet, so this program plays that part for the one
-//! pod that matters: it reads the worker Deployment the operator rendered and
-//! runs its container (the same binary, same arguments, environment resolved
-//! from the referenced Secret) as a local process, and reports it available.
-//!
-//! Run with `hack/demo` (it builds the binary and fetches the servers first).
+//! Run with `hack/demo` (it builds the binary and fetches the components first).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::CustomResourceExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use outbox_operator::api::OutboxRelay;
-use outbox_testbed::{TestBed, free_port, http_get};
+use outbox_testbed::cluster::Cluster;
+use outbox_testbed::http_get;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -31,23 +32,89 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 const NS: &str = "shop";
 const RELAY: &str = "orders";
 const ORDERS: usize = 60;
+const IMAGE: &str = "localhost/outbox-operator:demo";
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator");
 
 fn say(msg: impl AsRef<str>) {
     println!("\n\x1b[1m▶ {}\x1b[0m", msg.as_ref());
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), Error> {
-    let bin = worker_binary()?;
-    say("Starting a local stack: PostgreSQL, Kafka (KRaft), kube-apiserver + etcd");
-    let bed = TestBed::start().await?;
-    println!("  postgres   127.0.0.1:{}", bed.pg.port());
-    println!("  kafka      {}", bed.kafka.bootstrap());
-    println!("  kubernetes {}", bed.kube.server_url());
+fn main() -> ExitCode {
+    outbox_testbed::cluster::run_isolated(demo)
+}
+
+/// Runs kubectl against the cluster and prints its output, indented.
+fn kubectl(c: &Cluster, args: &[&str]) -> Result<(), Error> {
+    let out = c.kube.kubectl().args(args).output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
+    if !out.status.success() {
+        return Err(format!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(())
+}
+
+async fn demo() -> Result<(), Error> {
+    let bin = operator_binary()?;
+    say("Starting a single-node cluster (kubelet, containerd, kube-proxy, controllers) with PostgreSQL and Kafka");
+    let cluster = Cluster::start().await?;
+    let c = &cluster;
+    println!("  cluster usable after {:.1}s", c.startup.as_secs_f32());
+    println!("  kubernetes {}", c.kube.server_url());
+    println!("  postgres   {}:{}", c.pg.host(), c.pg.port());
+    println!("  kafka      {}", c.kafka.bootstrap());
+    kubectl(c, &["get", "nodes", "-o", "wide"])?;
+
+    say(format!(
+        "Building image {IMAGE} from {} and loading it into the node",
+        bin.display()
+    ));
+    let t = Instant::now();
+    c.load_binary_image(&bin, IMAGE).await?;
+    println!("  done in {:.1}s", t.elapsed().as_secs_f32());
+
+    say("helm install outbox-operator: two replicas, leader election on a Lease");
+    let (repo, tag) = IMAGE.split_once(':').ok_or("image without tag")?;
+    let out = c
+        .kube
+        .helm()
+        .args([
+            "install",
+            "outbox-operator",
+            CHART,
+            "-n",
+            "outbox-system",
+            "--create-namespace",
+        ])
+        .args([
+            "--set",
+            &format!("image.repository={repo}"),
+            "--set",
+            &format!("image.tag={tag}"),
+        ])
+        .args(["--set", "image.pullPolicy=Never", "--set", "requeueSeconds=5", "--wait"])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("helm install: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let client = c.kube.client().await?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "outbox-system");
+    let leader = wait_for(Duration::from_secs(60), "a leader", || async {
+        leases
+            .get_opt("outbox-operator")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    })
+    .await?;
+    kubectl(c, &["get", "pods", "-n", "outbox-system", "-o", "wide"])?;
+    println!("  Lease outbox-operator held by {leader}");
 
     say("Creating the shop database: an orders table and a Debezium-style outbox table");
-    bed.pg.create_database("shop").await?;
-    let db = bed.pg.client("shop").await?;
+    c.pg.create_database("shop").await?;
+    let mut db = c.pg.client("shop").await?;
     db.batch_execute(
         "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL);
          CREATE TABLE outbox (
@@ -56,28 +123,10 @@ async fn main() -> Result<(), Error> {
            payload jsonb NOT NULL, headers jsonb);",
     )
     .await?;
-    bed.kafka.create_topic("outbox.event.Order", 3).await?;
-
-    say("Installing the OutboxRelay CRD and starting the operator");
-    let client = bed.kube.client().await?;
-    bed.kube.install_crd(&OutboxRelay::crd()).await?;
-    let op_port = free_port()?;
-    let mut operator = Command::new(&bin)
-        .args([
-            "--log-format",
-            "text",
-            "operator",
-            "--relay-image",
-            "outbox-operator:dev",
-        ])
-        .args(["--listen", &format!("127.0.0.1:{op_port}"), "--requeue-seconds", "5"])
-        .env("KUBECONFIG", bed.kube.kubeconfig_path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()?;
+    c.kafka.create_topic("outbox.event.Order", 3).await?;
 
     say(format!(
-        "kubectl apply: namespace {NS}, the database Secret, OutboxRelay {RELAY}"
+        "kubectl apply: namespace {NS}, the database Secret, OutboxRelay {RELAY} (2 workers: active + standby)"
     ));
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
@@ -92,7 +141,7 @@ async fn main() -> Result<(), Error> {
             &PostParams::default(),
             &serde_json::from_value(json!({
                 "metadata": {"name": "shop-db"},
-                "stringData": {"username": bed.pg.user(), "password": bed.pg.password()}
+                "stringData": {"username": c.pg.user(), "password": c.pg.password()}
             }))?,
         )
         .await?;
@@ -100,12 +149,13 @@ async fn main() -> Result<(), Error> {
         "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
         "metadata": {"name": RELAY, "namespace": NS},
         "spec": {
-            "database": {"host": bed.pg.host(), "port": bed.pg.port(), "database": "shop",
+            "database": {"host": c.pg.host(), "port": c.pg.port(), "database": "shop",
                          "tls": {"mode": "Disable"}, "credentialsSecretRef": {"name": "shop-db"}},
             "outbox": {"table": "public.outbox"},
-            "kafka": {"bootstrapServers": bed.kafka.bootstrap(),
+            "kafka": {"bootstrapServers": c.kafka.bootstrap(),
                       "routeBy": {"column": "aggregatetype", "topicTemplate": "outbox.event.${routedByValue}"}},
-            "cleanupPolicy": "Delete"
+            "cleanupPolicy": "Delete",
+            "worker": {"replicas": 2}
         }
     });
     let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), NS);
@@ -113,32 +163,32 @@ async fn main() -> Result<(), Error> {
         .create(&PostParams::default(), &serde_json::from_value(relay)?)
         .await?;
 
-    say("The operator provisions the publication and slot and renders the worker Deployment");
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    let deployment = wait_for(Duration::from_secs(60), "the worker Deployment", || async {
-        deployments.get_opt(&format!("{RELAY}-relay")).await.ok().flatten()
+    say("The operator provisions publication and slot; the kubelet runs the worker pods");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let t = Instant::now();
+    let workers = wait_for(Duration::from_secs(90), "two Ready worker pods", || async {
+        let list = pods.list(&ListParams::default()).await.ok()?;
+        let ready: Vec<Pod> = list.items.into_iter().filter(pod_ready).collect();
+        (ready.len() == 2).then_some(ready)
     })
     .await?;
-    let slot: String = db
-        .query_one("SELECT slot_name::text FROM pg_replication_slots", &[])
-        .await?
-        .get(0);
-    println!("  slot {slot} created; Deployment {RELAY}-relay rendered");
-
-    say("Standing in for the kubelet: running the worker pod's container as a local process");
-    let (mut worker, worker_addr) = run_pod(&bin, &deployment, &secrets).await?;
-    wait_for(Duration::from_secs(60), "the worker's /readyz", || async {
-        http_get(&worker_addr, "/readyz").await.filter(|(c, _)| *c == 200)
-    })
-    .await?;
-    mark_available(&deployments).await?;
+    println!("  Ready after {:.1}s", t.elapsed().as_secs_f32());
+    kubectl(c, &["get", "pods", "-n", NS, "-o", "wide"])?;
+    for p in &workers {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+        let phase = http_get(&format!("{ip}:8080"), "/readyz").await.map(|(_, b)| b);
+        println!(
+            "  {} /readyz: {}",
+            p.metadata.name.as_deref().unwrap_or("?"),
+            phase.unwrap_or_default()
+        );
+    }
 
     say(format!(
         "The orders service commits {ORDERS} orders; every 5th transaction rolls back"
     ));
     let mut committed = HashSet::new();
     let mut rolled_back = HashSet::new();
-    let mut db = db;
     for i in 1..=ORDERS {
         let tx = db.transaction().await?;
         let order: i64 = tx
@@ -169,7 +219,7 @@ async fn main() -> Result<(), Error> {
     println!("  {} committed, {} rolled back", committed.len(), rolled_back.len());
 
     say("Reading topic outbox.event.Order");
-    let bootstrap = bed.kafka.bootstrap();
+    let bootstrap = c.kafka.bootstrap();
     let expect = committed.clone();
     let records = tokio::task::spawn_blocking(move || read_topic(&bootstrap, "outbox.event.Order", &expect)).await??;
     for r in records.iter().take(8) {
@@ -198,36 +248,26 @@ async fn main() -> Result<(), Error> {
         ready.then_some(r)
     })
     .await;
-    let out = bed
-        .kube
-        .kubectl()
-        .args(["get", "outboxrelays", "-n", NS, "-o", "wide"])
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    kubectl(c, &["get", "outboxrelays", "-n", NS, "-o", "wide"])?;
     if let Err(e) = &status {
         println!("  (not Ready yet: {e})");
     }
 
-    say("Worker metrics (excerpt)");
-    if let Some((_, body)) = http_get(&worker_addr, "/metrics").await {
-        for line in body.lines().filter(|l| {
-            l.starts_with("outbox_relay_events_total")
-                || l.starts_with("outbox_relay_confirmed_lsn")
-                || l.starts_with("outbox_relay_commit_to_ack_seconds_count")
-                || l.starts_with("outbox_relay_active")
-        }) {
-            println!("  {line}");
-        }
-    }
-
-    say("kubectl delete outboxrelay orders: cleanupPolicy Delete drops the slot and publication");
-    let _ = worker.kill();
-    let _ = worker.wait();
+    say("kubectl delete outboxrelay orders: pods garbage-collected, slot and publication dropped");
     relays.delete(RELAY, &DeleteParams::default()).await?;
-    wait_for(Duration::from_secs(60), "the relay to be gone", || async {
-        relays.get_opt(RELAY).await.ok().and_then(|o| o.is_none().then_some(()))
-    })
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    wait_for(
+        Duration::from_secs(60),
+        "the relay, its Deployment and pods to be gone",
+        || async {
+            let relay_gone = relays.get_opt(RELAY).await.ok()?.is_none();
+            let pods_gone = pods.list(&ListParams::default()).await.ok()?.items.is_empty();
+            let deployments_gone = deployments.list(&ListParams::default()).await.ok()?.items.is_empty();
+            (relay_gone && pods_gone && deployments_gone).then_some(())
+        },
+    )
     .await?;
+    kubectl(c, &["get", "deployments,replicasets,pods", "-n", NS])?;
     let slots: i64 = db
         .query_one("SELECT count(*) FROM pg_replication_slots", &[])
         .await?
@@ -235,8 +275,6 @@ async fn main() -> Result<(), Error> {
     let pubs: i64 = db.query_one("SELECT count(*) FROM pg_publication", &[]).await?.get(0);
     println!("  slots left: {slots}, publications left: {pubs}");
 
-    let _ = operator.kill();
-    let _ = operator.wait();
     let ok = delivered == committed.len() && ghosts == 0 && slots == 0 && pubs == 0 && status.is_ok();
     say(if ok {
         "Demo finished: every committed event delivered, no rolled-back event, cleanup done"
@@ -246,8 +284,15 @@ async fn main() -> Result<(), Error> {
     if ok { Ok(()) } else { Err("demo checks failed".into()) }
 }
 
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// The `outbox-operator` binary next to this example's directory (`target/<profile>/`).
-fn worker_binary() -> Result<PathBuf, Error> {
+fn operator_binary() -> Result<PathBuf, Error> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(Path::parent).ok_or("no target directory")?;
     let bin = dir.join("outbox-operator");
@@ -255,58 +300,6 @@ fn worker_binary() -> Result<PathBuf, Error> {
         return Err(format!("{} not found: build it first (hack/demo does)", bin.display()).into());
     }
     Ok(bin)
-}
-
-/// Runs the Deployment's single container locally: same args, env resolved from
-/// values and Secret references, HTTP port moved to a free loopback port.
-async fn run_pod(bin: &Path, d: &Deployment, secrets: &Api<Secret>) -> Result<(Child, String), Error> {
-    let pod = d
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .ok_or("deployment has no pod spec")?;
-    let c = pod.containers.first().ok_or("no container")?;
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut args: Vec<String> = c.args.clone().unwrap_or_default();
-    if let Some(i) = args.iter().position(|a| a == "--listen")
-        && let Some(v) = args.get_mut(i + 1)
-    {
-        *v = addr.clone();
-    }
-    let mut env = BTreeMap::new();
-    for e in c.env.clone().unwrap_or_default() {
-        let value = match (e.value, e.value_from.and_then(|v| v.secret_key_ref)) {
-            (Some(v), _) => v,
-            (None, Some(r)) => {
-                let s = secrets.get(&r.name).await?;
-                let bytes = s
-                    .data
-                    .and_then(|d| d.get(&r.key).cloned())
-                    .ok_or("secret key missing")?;
-                String::from_utf8(bytes.0)?
-            }
-            _ => continue,
-        };
-        env.insert(e.name, value);
-    }
-    env.insert("OUTBOX_LOG_FORMAT".into(), "text".into());
-    env.insert("RUST_LOG".into(), "error".into());
-    println!("  {} {}", c.image.as_deref().unwrap_or("?"), args.join(" "));
-    let child = Command::new(bin).args(&args).envs(&env).stdin(Stdio::null()).spawn()?;
-    Ok((child, addr))
-}
-
-/// What the deployment controller would write once the pod is ready.
-async fn mark_available(deployments: &Api<Deployment>) -> Result<(), Error> {
-    let status = json!({"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}});
-    deployments
-        .patch_status(
-            &format!("{RELAY}-relay"),
-            &PatchParams::default(),
-            &Patch::Merge(&status),
-        )
-        .await?;
-    Ok(())
 }
 
 struct Record {

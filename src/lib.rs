@@ -7,12 +7,14 @@
 //! - [`relay`]: the worker's data path (replication stream, pgoutput, records, checkpoints).
 //! - [`kafka`]: producer settings, delivery reports and error kinds.
 //! - [`metrics`], [`http`]: Prometheus metrics and the health/metrics endpoints.
+//! - [`lease`]: leader election among operator replicas.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod controller;
 pub mod http;
 pub mod kafka;
+pub mod lease;
 pub mod metrics;
 pub mod postgres;
 pub mod relay;

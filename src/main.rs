@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use outbox_operator::api::OutboxRelay;
 use outbox_operator::controller;
+use outbox_operator::http::Probe;
+use outbox_operator::lease;
 use outbox_operator::relay::config::{Credentials, RelayConfig, SpecFile};
 use outbox_operator::relay::worker::{self, RelayHandle};
 use outbox_operator::telemetry::{self, LogFormat};
@@ -50,6 +52,22 @@ struct OperatorArgs {
     /// Seconds between reconciles of a healthy relay (refreshes lag and conditions).
     #[arg(long, env = "OUTBOX_REQUEUE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     requeue_seconds: u64,
+    /// Reconcile only while holding the Lease (for more than one replica); the
+    /// others serve /healthz and /readyz and stand by.
+    #[arg(long, env = "OUTBOX_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "OUTBOX_LEASE_NAME", default_value = "outbox-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (the chart passes the pod's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's name in the Lease (the chart passes the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds of silence after which a follower takes over a leader's Lease.
+    #[arg(long, env = "OUTBOX_LEASE_DURATION_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    lease_duration_seconds: u64,
 }
 
 #[derive(clap::Args)]
@@ -104,26 +122,107 @@ async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Erro
         requeue_interval: std::time::Duration::from_secs(args.requeue_seconds),
     };
     let handle = controller::OperatorHandle::new();
+    let mut elector = args.leader_elect.then(|| {
+        // The pod name plus a per-process suffix: a container restarted in the same
+        // pod must not mistake its crashed predecessor's Lease for its own.
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
+            .unwrap_or(std::process::id());
+        let identity = format!("{}_{started:08x}", args.identity.clone().unwrap_or_else(hostname));
+        let d = std::time::Duration::from_secs(args.lease_duration_seconds);
+        // client-go's proportions: renew deadline 2/3 and retry 2/15 of the duration.
+        let timings = lease::Timings {
+            lease_duration: d,
+            renew_deadline: d * 2 / 3,
+            retry: d * 2 / 15,
+        };
+        lease::Elector::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            timings,
+        )
+    });
+    let probe = OperatorProbe {
+        handle: handle.clone(),
+        role: elector.as_ref().map(lease::Elector::role),
+    };
     let (tx, rx) = watch::channel(false);
     let listener = outbox_operator::http::bind(args.listen)
         .await
         .map_err(|e| format!("binding {}: {e}", args.listen))?;
-    let http = tokio::spawn(outbox_operator::http::serve(listener, handle.clone(), rx.clone()));
+    let http = tokio::spawn(outbox_operator::http::serve(listener, probe, rx.clone()));
     tokio::spawn(worker::shutdown_on_signal(tx.clone()));
+    let mut stop = rx.clone();
+    if let Some(elector) = elector.as_mut() {
+        tracing::info!(identity = elector.identity(), lease = %args.lease_name, "waiting to lead");
+        tokio::select! {
+            () = elector.acquire() => {}
+            _ = stop.wait_for(|s| *s) => {
+                let _ = http.await;
+                return Ok(());
+            }
+        }
+    }
     // The controller wants a Sync future: a task handle is one, a future waiting on a
     // watch receiver is not.
-    let mut stop = rx;
     let signalled = tokio::spawn(async move {
         let _ = stop.wait_for(|s| *s).await;
     });
-    controller::run(client, config, handle, async move {
+    let run = controller::run(client, config, handle, async move {
         let _ = signalled.await;
-    })
-    .await;
+    });
+    match elector.as_mut() {
+        None => run.await,
+        Some(elector) => {
+            tokio::select! {
+                () = run => elector.release().await,
+                lost = elector.keep_leading() => {
+                    // Another replica may lead by now: stop at once (dropping the
+                    // controller) and let the kubelet restart this one as a follower.
+                    tracing::error!(error = %lost, category = lost.category(), "stopping: no longer the leader");
+                    return Err(lost.into());
+                }
+            }
+        }
+    }
     // Also stops the HTTP server when the controller ended on its own.
     let _ = tx.send(true);
     http.await??;
     Ok(())
+}
+
+/// The operator's probes: the leader reports the controller's readiness; a standby
+/// replica is healthy and ready to take over, so it reports ready too (else a
+/// two-replica Deployment would never be fully available).
+#[derive(Clone)]
+struct OperatorProbe {
+    handle: controller::OperatorHandle,
+    role: Option<watch::Receiver<lease::Role>>,
+}
+
+impl Probe for OperatorProbe {
+    fn metrics(&self) -> String {
+        self.handle.metrics()
+    }
+
+    fn readiness(&self) -> Result<String, String> {
+        let role = self.role.as_ref().map(|r| r.borrow().clone());
+        match role {
+            None | Some(lease::Role::Leader) => self.handle.readiness(),
+            Some(lease::Role::Follower { leader }) => Ok(format!("standby: {leader} leads")),
+            Some(lease::Role::Candidate) => Ok("standby: electing a leader".into()),
+        }
+    }
+}
+
+/// The kernel's host name (a pod's name in Kubernetes), without a libc call.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "outbox-operator".into())
 }
 
 async fn run_relay(args: RelayArgs) -> Result<(), Box<dyn std::error::Error>> {

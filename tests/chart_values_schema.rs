@@ -84,7 +84,10 @@ fn defaults_and_good_values_pass() {
 #[test]
 fn bad_values_are_refused_naming_the_value() {
     for (set, named) in [
-        ("replicaCount=3", "/replicaCount"),
+        ("replicaCount=9", "/replicaCount"),
+        ("leaderElection.enabled=false", "/leaderElection/enabled"),
+        ("leaderElection.leaseDurationSeconds=1", "/leaderElection/leaseDurationSeconds"),
+        ("requeueSeconds=0", "/requeueSeconds"),
         ("metrics.port=70000", "/metrics/port"),
         ("metrics.port=http", "/metrics/port"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),

@@ -11,6 +11,11 @@ const ENV_KUBECTL: &str = "OUTBOX_TESTBED_KUBECTL";
 const ENV_HELM: &str = "OUTBOX_TESTBED_HELM";
 const ENV_KAFKA_LIBS: &str = "OUTBOX_TESTBED_KAFKA_LIBS";
 const ENV_JAVA: &str = "OUTBOX_TESTBED_JAVA";
+const ENV_KUBE_BIN: &str = "OUTBOX_TESTBED_KUBE_BIN";
+const ENV_PAUSE_IMAGE: &str = "OUTBOX_TESTBED_PAUSE_IMAGE";
+const ENV_CONTAINERD: &str = "OUTBOX_TESTBED_CONTAINERD";
+const ENV_RUNC: &str = "OUTBOX_TESTBED_RUNC";
+const ENV_CNI_BIN: &str = "OUTBOX_TESTBED_CNI_BIN";
 
 /// Paths of the server binaries, as resolved by `hack/testbed fetch`.
 ///
@@ -103,6 +108,114 @@ impl Components {
     }
 }
 
+/// What a single-node cluster needs on top of [`Components`]: the node and
+/// control-plane commands (`hack/testbed fetch`), the pause image, and the container
+/// runtime and CNI plugins from Debian's packages (`hack/deps`).
+#[derive(Debug, Clone)]
+pub struct ClusterComponents {
+    pub base: Components,
+    /// kubelet, kube-controller-manager, kube-scheduler, kube-proxy.
+    pub kube_bin: PathBuf,
+    /// docker-archive of the pod sandbox image.
+    pub pause_image: PathBuf,
+    pub containerd: PathBuf,
+    /// `containerd-shim-runc-v2`, next to containerd unless overridden with it.
+    pub containerd_shim: PathBuf,
+    pub ctr: PathBuf,
+    pub runc: PathBuf,
+    /// bridge, host-local and loopback plugins.
+    pub cni_bin: PathBuf,
+}
+
+impl ClusterComponents {
+    pub fn locate() -> Result<Self> {
+        let base = Components::locate()?;
+        let cache = cache_dir();
+        let file = cache.as_ref().map(|c| c.join("testbed.env"));
+        let from_file = match &file {
+            Some(f) if f.is_file() => {
+                parse_env_file(&std::fs::read_to_string(f).context(|| format!("reading {}", f.display()))?)
+            }
+            _ => HashMap::new(),
+        };
+        let fetched = |var: &'static str, component: &'static str| -> Result<PathBuf> {
+            env_path(var)
+                .or_else(|| from_file.get(var).map(PathBuf::from))
+                .ok_or_else(|| TestbedError::Missing {
+                    component,
+                    detail: format!("{var} is set neither in the environment nor by hack/testbed fetch"),
+                })
+        };
+        // Debian's paths; the environment variable wins.
+        let packaged = |var: &'static str, default: &str| env_path(var).unwrap_or_else(|| PathBuf::from(default));
+        let containerd = packaged(ENV_CONTAINERD, "/usr/bin/containerd");
+        let bin_dir = containerd.parent().map(Path::to_path_buf).unwrap_or_default();
+        let c = Self {
+            base,
+            kube_bin: fetched(ENV_KUBE_BIN, "kubelet")?,
+            pause_image: fetched(ENV_PAUSE_IMAGE, "pause image")?,
+            containerd_shim: bin_dir.join("containerd-shim-runc-v2"),
+            ctr: bin_dir.join("ctr"),
+            containerd,
+            runc: packaged(ENV_RUNC, "/usr/sbin/runc"),
+            cni_bin: packaged(ENV_CNI_BIN, "/usr/lib/cni"),
+        };
+        for cmd in ["kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy"] {
+            executable("kubelet", &c.kube_bin.join(cmd))?;
+        }
+        let deps = "; hack/deps installs it from Debian's packages";
+        for (name, path) in [
+            ("containerd", &c.containerd),
+            ("containerd", &c.containerd_shim),
+            ("containerd", &c.ctr),
+            ("runc", &c.runc),
+        ] {
+            executable(name, path).map_err(|e| with_hint(e, deps))?;
+        }
+        for plugin in ["bridge", "host-local", "loopback"] {
+            executable("containernetworking-plugins", &c.cni_bin.join(plugin)).map_err(|e| with_hint(e, deps))?;
+        }
+        for tool in ["iptables", "iptables-restore", "conntrack", "ip", "unshare", "mount"] {
+            which(tool).map_err(|e| with_hint(e, deps))?;
+        }
+        if !c.pause_image.is_file() {
+            return Err(TestbedError::Missing {
+                component: "pause image",
+                detail: format!("{} is missing", c.pause_image.display()),
+            });
+        }
+        Ok(c)
+    }
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+fn with_hint(e: TestbedError, hint: &str) -> TestbedError {
+    match e {
+        TestbedError::Missing { component, detail } => TestbedError::Missing {
+            component,
+            detail: format!("{detail}{hint}"),
+        },
+        e => e,
+    }
+}
+
+/// A command on PATH (the cluster's node tools are run by name by kube-proxy and
+/// the kubelet, so PATH is what counts).
+fn which(tool: &'static str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| executable(tool, p).is_ok())
+        .ok_or_else(|| TestbedError::Missing {
+            component: tool,
+            detail: format!("{tool} is not on PATH"),
+        })
+}
+
 fn executable(component: &'static str, path: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     match std::fs::metadata(path) {
@@ -126,7 +239,7 @@ pub(crate) fn cache_dir() -> Option<PathBuf> {
     repo_root().map(|root| root.join(".cache").join("testbed"))
 }
 
-fn repo_root() -> Option<PathBuf> {
+pub(crate) fn repo_root() -> Option<PathBuf> {
     // Cargo sets CARGO_MANIFEST_DIR when it runs tests and benchmarks; the
     // compile-time value covers binaries started some other way from a checkout.
     let starts = [

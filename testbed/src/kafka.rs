@@ -1,4 +1,5 @@
 use std::ffi::OsString;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ const TOPIC_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Kafka {
     // Declared before `dir` so that on drop the broker stops before its files go.
     server: Restartable,
+    host: Ipv4Addr,
     port: u16,
     java: PathBuf,
     classpath: OsString,
@@ -34,6 +36,12 @@ pub struct Kafka {
 
 impl Kafka {
     pub async fn start(c: &Components) -> Result<Self> {
+        Self::start_on(c, Ipv4Addr::LOCALHOST).await
+    }
+
+    /// Listens on (and advertises) `host` instead of loopback: clients must reach
+    /// the advertised address, so a broker for pods advertises the address pods see.
+    pub async fn start_on(c: &Components, host: Ipv4Addr) -> Result<Self> {
         let dir = process::server_dir("kafka")?;
         let root = dir.path();
         let port = process::free_port()?;
@@ -55,8 +63,8 @@ impl Kafka {
              process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.voters=1@127.0.0.1:{controller_port}\n\
-             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             listeners=PLAINTEXT://{host}:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
+             advertised.listeners=PLAINTEXT://{host}:{port}\n\
              controller.listener.names=CONTROLLER\n\
              inter.broker.listener.name=PLAINTEXT\n\
              listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
@@ -113,6 +121,7 @@ impl Kafka {
 
         let kafka = Self {
             server: Restartable::new("kafka"),
+            host,
             port,
             java: c.java.clone(),
             classpath,
@@ -156,15 +165,15 @@ impl Kafka {
             env: Vec::new(),
         })?;
         let bootstrap = self.bootstrap();
-        let port = self.port;
+        let (host, port) = (self.host, self.port);
         process::wait_ready(&mut server, START_TIMEOUT, || {
             let bootstrap = bootstrap.clone();
             async move {
                 // Cheap check first, so librdkafka is not spun up (and does not log
                 // connection errors) while the JVM is still booting.
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                tokio::net::TcpStream::connect((host, port))
                     .await
-                    .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
+                    .map_err(|e| format!("connect {host}:{port}: {e}"))?;
                 let brokers = tokio::task::spawn_blocking(move || {
                     let consumer: BaseConsumer = base_config(&bootstrap)
                         .create()
@@ -188,9 +197,10 @@ impl Kafka {
         Ok(())
     }
 
-    /// `127.0.0.1:<port>`, for `bootstrap.servers`.
+    /// `<host>:<port>` (host 127.0.0.1 unless started with [`Kafka::start_on`]), for
+    /// `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn port(&self) -> u16 {

@@ -1,4 +1,5 @@
 use std::ffi::OsString;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub struct KubeApi {
     // API server goes before its etcd, and both before the directory.
     _apiserver: Supervised,
     _etcd: Supervised,
+    address: Ipv4Addr,
     port: u16,
     etcd_port: u16,
     token: String,
@@ -34,8 +36,34 @@ pub struct KubeApi {
     _dir: tempfile::TempDir,
 }
 
+/// How a [`KubeApi`] is set up: alone, as envtest runs it, or as the control plane
+/// of a [`crate::Cluster`].
+pub(crate) struct ApiOptions {
+    /// Serving, advertised and kubeconfig address.
+    pub address: Ipv4Addr,
+    /// Extra lines for the static token file (`token,user,uid,"group1,group2"`):
+    /// the node's and the controllers' identities.
+    pub extra_tokens: Vec<String>,
+    /// Node and RBAC authorization and the ServiceAccount admission plugin, as in a
+    /// real cluster (where a controller-manager makes the default service accounts).
+    pub cluster: bool,
+}
+
+/// The service range of every test bed API server; its first address is the
+/// `kubernetes` Service's ClusterIP.
+pub(crate) const SERVICE_CIDR: &str = "10.0.0.0/24";
+
 impl KubeApi {
     pub async fn start(c: &Components) -> Result<Self> {
+        let options = ApiOptions {
+            address: Ipv4Addr::LOCALHOST,
+            extra_tokens: Vec::new(),
+            cluster: false,
+        };
+        Self::start_with(c, &options).await
+    }
+
+    pub(crate) async fn start_with(c: &Components, options: &ApiOptions) -> Result<Self> {
         let dir = process::server_dir("kube")?;
         let root = dir.path();
         let etcd_port = process::free_port()?;
@@ -77,32 +105,57 @@ impl KubeApi {
         let apiserver_log = root.join("kube-apiserver.log");
         let token = process::random_string(32);
         let tokens = root.join("tokens.csv");
-        std::fs::write(&tokens, format!("{token},testbed-admin,testbed-admin,system:masters\n"))
-            .context(|| format!("writing {}", tokens.display()))?;
+        let mut token_lines = format!("{token},testbed-admin,testbed-admin,system:masters\n");
+        for line in &options.extra_tokens {
+            token_lines.push_str(line);
+            token_lines.push('\n');
+        }
+        std::fs::write(&tokens, token_lines).context(|| format!("writing {}", tokens.display()))?;
         let cert_dir = root.join("certs");
         let port = distinct_port(&[etcd_port, peer_port])?;
 
-        let args: Vec<OsString> = vec![
+        let address = options.address;
+        let mut args: Vec<OsString> = vec![
             format!("--etcd-servers={client_url}").into(),
             format!("--secure-port={port}").into(),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--authorization-mode=RBAC".into(),
+            format!("--bind-address={address}").into(),
+            format!("--advertise-address={address}").into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}").into(),
             format!("--token-auth-file={}", tokens.display()).into(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", sa_key.display()).into(),
             format!("--service-account-signing-key-file={}", sa_key.display()).into(),
+        ];
+        if options.cluster {
+            args.push("--authorization-mode=Node,RBAC".into());
+            // What service accounts (pods) asked for and what they were answered,
+            // so a test can prove that no request of the operator was forbidden.
+            let policy = root.join("audit-policy.yaml");
+            std::fs::write(
+                &policy,
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  \
+                 - level: Metadata\n    userGroups: [\"system:serviceaccounts\"]\n  - level: None\n",
+            )
+            .context(|| format!("writing {}", policy.display()))?;
+            args.push(format!("--audit-policy-file={}", policy.display()).into());
+            args.push(format!("--audit-log-path={}", root.join("audit.log").display()).into());
+        } else {
+            args.push("--authorization-mode=RBAC".into());
             // No controller-manager creates the default service accounts, so the
             // ServiceAccount admission plugin would reject every pod.
-            "--disable-admission-plugins=ServiceAccount".into(),
-            format!("--cert-dir={}", cert_dir.display()).into(),
-            "--allow-privileged=true".into(),
-            // Less background work on a small machine; tests do not need fairness.
-            "--enable-priority-and-fairness=false".into(),
-            "--profiling=false".into(),
-            "--v=1".into(),
-        ];
+            args.push("--disable-admission-plugins=ServiceAccount".into());
+        }
+        args.extend(
+            [
+                format!("--cert-dir={}", cert_dir.display()),
+                "--allow-privileged=true".into(),
+                // Less background work on a small machine; tests do not need fairness.
+                "--enable-priority-and-fairness=false".into(),
+                "--profiling=false".into(),
+                "--v=1".into(),
+            ]
+            .map(OsString::from),
+        );
         let mut apiserver = Supervised::spawn(Spec {
             name: "kube-apiserver",
             program: &c.kube_apiserver,
@@ -131,7 +184,7 @@ impl KubeApi {
             }
         })
         .await?;
-        write_kubeconfig(&kubeconfig, port, &ca, &token)?;
+        write_kubeconfig(&kubeconfig, &format!("https://{address}:{port}"), &ca, &token)?;
 
         process::wait_ready(&mut apiserver, APISERVER_TIMEOUT, || {
             let kubeconfig = kubeconfig.clone();
@@ -153,6 +206,7 @@ impl KubeApi {
         Ok(Self {
             _apiserver: apiserver,
             _etcd: etcd,
+            address,
             port,
             etcd_port,
             token,
@@ -227,9 +281,29 @@ impl KubeApi {
         cmd
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>` (or the cluster's address).
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.address, self.port)
+    }
+
+    /// The CA that signed the serving certificate (in the same file).
+    pub fn ca_path(&self) -> PathBuf {
+        self.kubeconfig.with_file_name("certs").join("apiserver.crt")
+    }
+
+    /// The audit log of a cluster's API server (requests of service accounts).
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.kubeconfig.with_file_name("audit.log")
+    }
+
+    /// The private key that signs service-account tokens.
+    pub(crate) fn sa_key_path(&self) -> PathBuf {
+        self.kubeconfig.with_file_name("sa.key")
+    }
+
+    /// Writes a kubeconfig for another identity from the token file.
+    pub(crate) fn write_kubeconfig_for(&self, path: &Path, token: &str) -> Result<()> {
+        write_kubeconfig(path, &self.server_url(), &self.ca_path(), token)
     }
 
     /// The admin bearer token (group `system:masters`).
@@ -260,7 +334,7 @@ async fn client_from(kubeconfig: &Path) -> Result<kube::Client> {
     kube::Client::try_from(config).context(|| "building a kube client".into())
 }
 
-fn write_kubeconfig(path: &Path, port: u16, ca: &Path, token: &str) -> Result<()> {
+fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> Result<()> {
     // JSON is YAML, so kubectl and kube-rs read it; no YAML writer needed.
     let doc = serde_json::json!({
         "apiVersion": "v1",
@@ -268,7 +342,7 @@ fn write_kubeconfig(path: &Path, port: u16, ca: &Path, token: &str) -> Result<()
         "clusters": [{
             "name": "testbed",
             "cluster": {
-                "server": format!("https://127.0.0.1:{port}"),
+                "server": server,
                 "certificate-authority": ca,
             },
         }],

@@ -15,6 +15,7 @@
 //! in a `static` never outlives its test binary.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 mod components;
 mod error;
 mod kafka;
@@ -24,7 +25,7 @@ mod process;
 
 use std::time::Instant;
 
-pub use components::Components;
+pub use components::{ClusterComponents, Components};
 pub use error::{Result, TestbedError};
 pub use kafka::Kafka;
 pub use kube_api::KubeApi;
@@ -93,7 +94,7 @@ impl TestBed {
     }
 }
 
-async fn timed<T>(name: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+pub(crate) async fn timed<T>(name: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
     let started = Instant::now();
     let out = fut.await;
     tracing::info!(server = name, elapsed = ?started.elapsed(), ok = out.is_ok(), "started");

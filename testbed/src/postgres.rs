@@ -1,3 +1,4 @@
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -18,6 +19,7 @@ pub struct Postgres {
     // Declared before `dir` so that on drop the server is stopped before its
     // directory goes away.
     server: Restartable,
+    host: String,
     port: u16,
     password: String,
     bin_dir: PathBuf,
@@ -29,6 +31,12 @@ pub struct Postgres {
 
 impl Postgres {
     pub async fn start(c: &Components) -> Result<Self> {
+        Self::start_on(c, Ipv4Addr::LOCALHOST, None).await
+    }
+
+    /// Listens on `addr` instead of loopback, and also accepts clients from `clients`
+    /// (a CIDR such as a cluster's pod subnet).
+    pub async fn start_on(c: &Components, addr: Ipv4Addr, clients: Option<&str>) -> Result<Self> {
         let run_as = RunAs::unprivileged(USER)?;
         let dir = process::server_dir("pg")?;
         let root = dir.path();
@@ -64,7 +72,7 @@ impl Postgres {
         let port = process::free_port()?;
         let conf = format!(
             "\n# Added by the test bed.\n\
-             listen_addresses = '127.0.0.1'\n\
+             listen_addresses = '{addr}'\n\
              port = {port}\n\
              unix_socket_directories = '{sockets}'\n\
              wal_level = logical\n\
@@ -82,18 +90,29 @@ impl Postgres {
             sockets = root.display(),
         );
         append(&data_dir.join("postgresql.conf"), &conf)?;
-        let hba = "# Written by the test bed: trust on the private socket, passwords over TCP.\n\
-                   local all all trust\n\
-                   local replication all trust\n\
-                   host all all 127.0.0.1/32 scram-sha-256\n\
-                   host all all ::1/128 scram-sha-256\n\
-                   host replication all 127.0.0.1/32 scram-sha-256\n\
-                   host replication all ::1/128 scram-sha-256\n";
+        let mut hba = String::from(
+            "# Written by the test bed: trust on the private socket, passwords over TCP.\n\
+             local all all trust\n\
+             local replication all trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n\
+             host replication all 127.0.0.1/32 scram-sha-256\n\
+             host replication all ::1/128 scram-sha-256\n",
+        );
+        for net in [Some(format!("{addr}/32")), clients.map(str::to_string)]
+            .into_iter()
+            .flatten()
+        {
+            hba.push_str(&format!(
+                "host all all {net} scram-sha-256\nhost replication all {net} scram-sha-256\n"
+            ));
+        }
         let hba_path = data_dir.join("pg_hba.conf");
-        std::fs::write(&hba_path, hba).context(|| format!("writing {}", hba_path.display()))?;
+        std::fs::write(&hba_path, &hba).context(|| format!("writing {}", hba_path.display()))?;
 
         let pg = Self {
             server: Restartable::new("postgres"),
+            host: addr.to_string(),
             port,
             password,
             bin_dir: c.pg_bin.clone(),
@@ -142,7 +161,7 @@ impl Postgres {
     }
 
     pub fn host(&self) -> &str {
-        "127.0.0.1"
+        &self.host
     }
 
     pub fn port(&self) -> u16 {
@@ -201,7 +220,7 @@ impl Postgres {
     pub async fn client(&self, db: &str) -> Result<tokio_postgres::Client> {
         let (client, connection) = tokio_postgres::connect(&self.conn_string(db), tokio_postgres::NoTls)
             .await
-            .context(|| format!("connecting to database {db} on 127.0.0.1:{}", self.port))?;
+            .context(|| format!("connecting to database {db} on {}:{}", self.host, self.port))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "test bed postgres connection ended");
