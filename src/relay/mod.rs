@@ -5,11 +5,14 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod core;
 pub mod lsn;
 pub mod mapping;
+pub mod park;
 pub mod pgoutput;
 pub mod replication;
 pub mod retention;
 pub mod session;
 pub mod state;
+pub mod tag;
 pub mod worker;

@@ -1,6 +1,9 @@
 //! What the worker is doing, for `/readyz`, logs and metrics.
 
 use std::sync::Mutex;
+use std::time::Duration;
+
+use super::core::EventRef;
 
 /// Worker phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +36,12 @@ struct Inner {
     last_error: Option<(&'static str, String)>,
     /// Events in flight and Kafka silent for too long.
     stalled: Option<String>,
+    /// How long the streaming session has heard nothing from the server.
+    silent_for: Duration,
+    /// The event parked on a skip request, once it was.
+    skipped: Option<EventRef>,
+    /// See [`RelayState::liveness`].
+    liveness_bound: Duration,
 }
 
 /// Shared between the relay loop and the HTTP handlers.
@@ -48,6 +57,9 @@ impl Default for RelayState {
                 phase: Phase::Starting,
                 last_error: None,
                 stalled: None,
+                silent_for: Duration::ZERO,
+                skipped: None,
+                liveness_bound: Duration::from_secs(60),
             }),
         }
     }
@@ -67,6 +79,7 @@ impl RelayState {
     pub fn set_phase(&self, phase: Phase) {
         self.with(|i| {
             i.phase = phase;
+            i.silent_for = Duration::ZERO;
             if phase == Phase::Streaming {
                 i.last_error = None;
             }
@@ -82,6 +95,39 @@ impl RelayState {
 
     pub fn set_stalled(&self, why: Option<String>) {
         self.with(|i| i.stalled = why);
+    }
+
+    /// Updated by the session (about every 100 ms) while it streams.
+    pub fn set_silent_for(&self, d: Duration) {
+        self.with(|i| i.silent_for = d);
+    }
+
+    pub fn set_liveness_bound(&self, bound: Duration) {
+        self.with(|i| i.liveness_bound = bound);
+    }
+
+    pub fn set_skipped(&self, event: EventRef) {
+        self.with(|i| i.skipped = Some(event));
+    }
+
+    pub fn skipped(&self) -> Option<EventRef> {
+        self.with(|i| i.skipped.clone())
+    }
+
+    /// For `/healthz`: fails when a streaming session heard nothing from the
+    /// server for longer than `bound`, i.e. it is stuck in a way its own reply
+    /// deadline did not catch; restarting the process is then the way out.
+    /// Failing sessions are not unhealthy: the supervisor retries them, and a
+    /// restart would only lose the backoff.
+    pub fn liveness(&self) -> Result<(), String> {
+        self.with(|i| match i.phase {
+            Phase::Streaming if i.silent_for > i.liveness_bound => Err(format!(
+                "streaming but nothing heard from PostgreSQL for {}s (bound {}s)",
+                i.silent_for.as_secs(),
+                i.liveness_bound.as_secs()
+            )),
+            _ => Ok(()),
+        })
     }
 
     pub fn last_error(&self) -> Option<(&'static str, String)> {
@@ -117,5 +163,21 @@ mod tests {
         assert_eq!(s.readiness().unwrap_err(), "UnknownTopic: topic x does not exist");
         s.set_phase(Phase::Standby);
         assert_eq!(s.readiness(), Ok("Standby"));
+    }
+
+    #[test]
+    fn liveness_fails_only_for_a_silent_streaming_session() {
+        let s = RelayState::default();
+        s.set_liveness_bound(Duration::from_secs(60));
+        s.set_silent_for(Duration::from_secs(600));
+        assert!(s.liveness().is_ok(), "starting: not streaming yet");
+        s.set_phase(Phase::Streaming);
+        assert!(s.liveness().is_ok(), "a new session starts silent-free");
+        s.set_silent_for(Duration::from_secs(30));
+        assert!(s.liveness().is_ok());
+        s.set_silent_for(Duration::from_secs(61));
+        assert!(s.liveness().unwrap_err().contains("nothing heard"));
+        s.set_error("ReplicationTimeout", "silent".into());
+        assert!(s.liveness().is_ok(), "the supervisor retries failing sessions");
     }
 }

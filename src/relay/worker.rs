@@ -44,6 +44,7 @@ impl Default for RelayHandle {
 pub async fn run(cfg: RelayConfig, handle: RelayHandle, shutdown: watch::Receiver<bool>) {
     let span = info_span!("relay", namespace = %cfg.namespace, name = %cfg.name, slot = %cfg.slot);
     async move {
+        handle.state.set_liveness_bound(cfg.tuning.liveness_bound);
         let deletions = spawn_deleter(&cfg, &handle, shutdown.clone());
         let mut backoff = cfg.tuning.min_backoff;
         loop {
