@@ -19,19 +19,6 @@ use serde::{Deserialize, Serialize};
 /// API group of every resource this operator owns.
 pub const GROUP: &str = "outbox.dev";
 
-/// Producer settings that would break the delivery guarantees if a user could
-/// override them through `spec.kafka.producer.config`.
-pub const PROTECTED_PRODUCER_KEYS: &[&str] = &[
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "max.in.flight.requests.per.connection",
-    "max.in.flight",
-    "bootstrap.servers",
-    "enable.gapless.guarantee",
-    "transactional.id",
-];
-
 /// Declares one relay: which outbox table to stream from which database to which Kafka topics.
 // Several `printcolumn(...)` entries share keys like `type_`; clippy reads them as
 // repeated attributes.
@@ -298,7 +285,8 @@ fn default_topic_template() -> String {
     "outbox.event.${routedByValue}".into()
 }
 
-/// Producer settings. Idempotence and `acks=all` are always on and cannot be overridden.
+/// Producer settings. Idempotence, `acks=all`, unlimited retries and no delivery timeout are always on
+/// and cannot be overridden.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProducerSpec {
@@ -314,9 +302,13 @@ pub struct ProducerSpec {
     #[serde(default = "default_max_message_bytes")]
     #[schemars(range(min = 1024, max = 104857600))]
     pub max_message_bytes: i32,
-    /// Further librdkafka producer properties. Keys that would weaken delivery guarantees are refused.
+    /// Further librdkafka producer properties: tuning knobs only (client.id, batch.size,
+    /// batch.num.messages, request.timeout.ms, socket and reconnect settings, ...). Anything that
+    /// could weaken delivery, ordering, authentication or TLS, and every librdkafka alias of such a
+    /// property, is refused (an allow-list: see the docs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = Rule::new("self.all(k, !(k in ['enable.idempotence', 'acks', 'request.required.acks', 'max.in.flight.requests.per.connection', 'max.in.flight', 'bootstrap.servers', 'enable.gapless.guarantee', 'transactional.id']))").message("config must not override idempotence, acks, in-flight limits, bootstrap servers or transactions"))]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new(crate::kafka::keys::cel_rule()).message(crate::kafka::keys::CEL_MESSAGE))]
     pub config: BTreeMap<String, String>,
 }
 

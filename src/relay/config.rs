@@ -56,6 +56,8 @@ pub enum ConfigError {
     NoDeadLetterTopic,
     #[error("skip request (outbox.dev/skip-event): {0}")]
     InvalidSkip(String),
+    #[error("spec.kafka.producer.config: {0}")]
+    ForbiddenProducerKey(String),
 }
 
 impl ConfigError {
@@ -251,6 +253,9 @@ impl RelayConfig {
         if spec.delivery.poison_policy == PoisonPolicy::DeadLetter && spec.delivery.dead_letter_topic.is_none() {
             return Err(ConfigError::NoDeadLetterTopic);
         }
+        // The API server checks this too (CEL); a spec file never passed it.
+        crate::kafka::keys::check(spec.kafka.producer.config.keys().map(String::as_str))
+            .map_err(ConfigError::ForbiddenProducerKey)?;
         // One set of connection settings; the replication connection derives from it.
         let sql = PgConnectConfig::from_spec(
             &spec.database,
@@ -383,6 +388,13 @@ mod tests {
             RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(),
             ConfigError::NoDeadLetterTopic
         );
+        let mut s = spec();
+        s.kafka
+            .producer
+            .config
+            .insert("delivery.timeout.ms".into(), "5000".into());
+        let e = RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err();
+        assert!(e.to_string().contains("alias of message.timeout.ms"), "{e}");
     }
 
     #[test]
