@@ -87,7 +87,12 @@ pub enum RelayError {
     #[error(
         "the replication connection went silent: no message from the server for {after:?} after asking for a reply; reconnecting"
     )]
-    ReplicationTimeout { after: Duration },
+    ReplicationTimeout {
+        after: Duration,
+        /// The server process of the silent connection: it may still hold the
+        /// slot until its `wal_sender_timeout`, and the next session ends it.
+        backend_pid: Option<i32>,
+    },
     #[error("the server ended the replication stream")]
     StreamEnded,
 }
@@ -147,6 +152,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<SessionEnd, RelayError> {
     let conn = ReplicationConnection::connect(&cfg.replication).await?;
+    let backend_pid = conn.backend_pid();
     let publication = super::replication::publication_names(&[cfg.publication.as_str()])?;
     // Lsn::ZERO: resume from the slot's confirmed position, wherever that is.
     let stream = conn
@@ -205,6 +211,7 @@ pub async fn run(
     };
     let mut writer = writer;
     let result = match s.run(reader, &mut writer, &mut shutdown).await {
+        Err(RelayError::ReplicationTimeout { after, .. }) => Err(RelayError::ReplicationTimeout { after, backend_pid }),
         Ok(SessionEnd::Shutdown) => s.finish(writer).await,
         Err(e) => {
             // Deliver and confirm what precedes the failure, so the next session
@@ -312,7 +319,10 @@ impl Session<'_> {
                     } else if let Some(asked) = self.reply_asked
                         && asked.elapsed() > reply_timeout
                     {
-                        return Err(RelayError::ReplicationTimeout { after: asked.elapsed() });
+                        return Err(RelayError::ReplicationTimeout {
+                            after: asked.elapsed(),
+                            backend_pid: None,
+                        });
                     }
                     let silent_for = if reading { self.last_heard.elapsed() } else { Duration::ZERO };
                     self.state.set_silent_for(silent_for);

@@ -47,6 +47,10 @@ pub async fn run(cfg: RelayConfig, handle: RelayHandle, shutdown: watch::Receive
         handle.state.set_liveness_bound(cfg.tuning.liveness_bound);
         let deletions = spawn_deleter(&cfg, &handle, shutdown.clone());
         let mut backoff = cfg.tuning.min_backoff;
+        // The server process of our own last connection, when it went silent:
+        // it holds the slot until the server notices (wal_sender_timeout, 60 s
+        // by default), so a "slot in use" naming it is ended rather than waited out.
+        let mut stale_backend: Option<i32> = None;
         loop {
             if *shutdown.borrow() {
                 return;
@@ -63,6 +67,15 @@ pub async fn run(cfg: RelayConfig, handle: RelayHandle, shutdown: watch::Receive
             .await;
             let wait = match result {
                 Ok(SessionEnd::Shutdown) => return,
+                Err(e) if e.is_slot_in_use() && stale_backend.is_some() => {
+                    let pid = stale_backend.take().unwrap_or_default();
+                    match super::retention::end_stale_walsender(&cfg, pid).await {
+                        Ok(true) => info!(pid, "ended the server process of our silent connection; it held the slot"),
+                        Ok(false) => {}
+                        Err(e) => warn!(pid, error = %e, "could not end the server process of our silent connection; waiting for the server to drop it"),
+                    }
+                    cfg.tuning.min_backoff
+                }
                 Err(e) if e.is_slot_in_use() => {
                     if handle.state.phase() != Phase::Standby {
                         info!("slot is held by another worker; waiting as hot standby");
@@ -72,6 +85,12 @@ pub async fn run(cfg: RelayConfig, handle: RelayHandle, shutdown: watch::Receive
                     cfg.tuning.standby_poll
                 }
                 Err(e) => {
+                    if let session::RelayError::ReplicationTimeout {
+                        backend_pid: Some(pid), ..
+                    } = &e
+                    {
+                        stale_backend = Some(*pid);
+                    }
                     let category = e.category();
                     handle.metrics.error(category);
                     handle.state.set_error(category, e.to_string());
