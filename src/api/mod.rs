@@ -564,6 +564,10 @@ pub struct OutboxRelayStatus {
     /// Commit time of the last event the relay delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_time: Option<Time>,
+    /// The last event skipped on request (`outbox.dev/skip-event`), as `<event id>@<commit LSN>`;
+    /// written by the worker. The event itself is in the park table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_skipped_event: Option<String>,
 }
 
 /// What PostgreSQL says about the slot.

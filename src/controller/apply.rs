@@ -45,6 +45,15 @@ pub enum Error {
         #[source]
         source: ApiFailure,
     },
+
+    #[error(
+        "cannot apply the worker's {object}: {source}; check the operator's RBAC (serviceaccounts, roles and rolebindings patch)"
+    )]
+    WorkerIdentity {
+        object: String,
+        #[source]
+        source: ApiFailure,
+    },
 }
 
 impl Error {
@@ -53,6 +62,7 @@ impl Error {
             Error::Database(e) => e.category(),
             Error::DatabaseTimeout { .. } => "DatabaseTimeout",
             Error::Deployment { .. } => "DeploymentApplyFailed",
+            Error::WorkerIdentity { .. } => "WorkerIdentityApplyFailed",
         }
     }
 }
@@ -90,7 +100,14 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
     };
 
     let desired = build::deployment(&v);
-    let (applied, provisioned) = tokio::join!(apply_deployment(&ctx.client, &desired), provision(&v.database));
+    // The worker's ServiceAccount and Role come before the Deployment that uses them.
+    let worker = async {
+        super::worker_rbac::apply(&ctx.client, &v)
+            .await
+            .map_err(|(object, source)| Error::WorkerIdentity { object, source })?;
+        apply_deployment(&ctx.client, &desired).await
+    };
+    let (applied, provisioned) = tokio::join!(worker, provision(&v.database));
 
     let mut error = None;
     let database = match provisioned {

@@ -24,6 +24,7 @@ mod error;
 pub mod events;
 pub mod status;
 pub mod validate;
+pub mod worker_rbac;
 
 #[cfg(test)]
 pub(crate) mod fixture;

@@ -226,6 +226,9 @@ pub struct RelayConfig {
     pub delete_after_relay: bool,
     /// The one event to park instead of delivering (skip request).
     pub skip: Option<EventRef>,
+    /// Write the `Delivering` condition and read skip requests on the resource
+    /// (set by the rendered Deployment; off for a worker outside Kubernetes).
+    pub report_status: bool,
     pub tuning: Tuning,
 }
 
@@ -304,6 +307,7 @@ impl RelayConfig {
             dead_letter_topic: spec.delivery.dead_letter_topic.clone(),
             delete_after_relay: spec.outbox.delete_after_relay,
             skip: None,
+            report_status: false,
             tuning: Tuning::default(),
         })
     }

@@ -571,3 +571,35 @@ fn event_refs_print_and_parse() {
     assert!("@0/1".parse::<EventRef>().is_err());
     assert!("x@zz".parse::<EventRef>().is_err());
 }
+
+#[test]
+fn after_a_stop_refused_reports_only_mark_their_records() {
+    let mut d = Drive::new(cfg(PoisonPolicy::Stop));
+    d.begin(100);
+    let ok = one_tag(&d.insert(record("ok", "k", 10)));
+    let poison = one_tag(&d.insert(record("p", "k", 10)));
+    let purged = one_tag(&d.insert(record("q", "k", 10)));
+    d.commit(101);
+    let out = d.step(Input::Refused {
+        tag: poison,
+        kind: "NotAuthorized",
+        reason: "denied".into(),
+        record: failed_record(&record("p", "k", 10)),
+    });
+    assert_eq!(stops(&out).len(), 1);
+    // A purged record reports a failure: counted as refused, no second stop, no park.
+    let out = d.step(Input::Refused {
+        tag: purged,
+        kind: "KafkaError",
+        reason: "Local: Purged in queue".into(),
+        record: failed_record(&record("q", "k", 10)),
+    });
+    assert!(out.is_empty(), "{out:?}");
+    d.step(Input::Delivered { tag: ok });
+    assert_eq!(
+        d.core.in_flight(),
+        d.core.refused_in_flight(),
+        "a drain has nothing left to wait for"
+    );
+    assert_eq!(d.confirmed(), 10);
+}

@@ -14,5 +14,6 @@ pub mod replication;
 pub mod retention;
 pub mod session;
 pub mod state;
+pub mod status_report;
 pub mod tag;
 pub mod worker;

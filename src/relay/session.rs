@@ -66,7 +66,7 @@ pub enum RelayError {
     #[error("creating the Kafka producer: {0}")]
     Producer(KafkaError),
     #[error(
-        "event {event} cannot be delivered ({kind}): {reason}. The relay stopped at it (poisonPolicy Stop): nothing after it is sent or confirmed, and it retries. Fix the cause and it resumes on its own, or annotate the OutboxRelay with outbox.dev/skip-event={event} to park this one event in the park table and go on"
+        "event {event} cannot be delivered ({kind}): {reason}. The relay stopped at it: nothing after it is sent or confirmed, and it retries. Fix the cause and it resumes on its own, or annotate the OutboxRelay with outbox.dev/skip-event={event} to park this one event in the park table and go on"
     )]
     Poison {
         event: EventRef,
@@ -208,6 +208,7 @@ pub async fn run(
         last_progress: Instant::now(),
         last_heard: Instant::now(),
         reply_asked: None,
+        broker_refusal: false,
     };
     let mut writer = writer;
     let result = match s.run(reader, &mut writer, &mut shutdown).await {
@@ -218,6 +219,13 @@ pub async fn run(
             // starts right at it instead of re-sending (or never getting past)
             // the events before it. Best effort: the connection may be gone.
             if !matches!(e, RelayError::Replication(_) | RelayError::ReplicationTimeout { .. }) {
+                if matches!(e, RelayError::Poison { .. }) && s.broker_refusal {
+                    // The broker refused a record already sent: records queued
+                    // behind it have not reached the broker yet, so drop them
+                    // now rather than let them follow the poison event during the
+                    // drain (what is in flight already may still land; see the docs).
+                    s.producer.purge(rdkafka::producer::PurgeConfig::default().queue());
+                }
                 let _ = s.drain().await;
                 let _ = s.send_status(&mut writer, false).await;
             }
@@ -258,6 +266,8 @@ struct Session<'a> {
     last_heard: Instant,
     /// When a status update asking for a reply went out with none heard since.
     reply_asked: Option<Instant>,
+    /// A delivery report refused a record (as opposed to a check before sending).
+    broker_refusal: bool,
 }
 
 impl Session<'_> {
@@ -619,6 +629,7 @@ impl Session<'_> {
         match report.result {
             Ok(()) => self.feed(Input::Delivered { tag: report.tag }).await,
             Err(f) if f.kind.is_poison() => {
+                self.broker_refusal = true;
                 self.feed(Input::Refused {
                     tag: report.tag,
                     kind: f.kind.category(),
@@ -642,6 +653,24 @@ impl Session<'_> {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.reports.recv()).await {
                 Ok(Some(report)) => {
+                    // After a stop, failed reports (purged records among them) only
+                    // mark their records refused, so the drain need not wait for them.
+                    let report = match report.result {
+                        Err(f) if self.core.stopped().is_some() => {
+                            let input = Input::Refused {
+                                tag: report.tag,
+                                kind: f.kind.category(),
+                                reason: f.error,
+                                record: f.record,
+                            };
+                            let _ = self.feed(input).await;
+                            continue;
+                        }
+                        result => DeliveryReport {
+                            tag: report.tag,
+                            result,
+                        },
+                    };
                     // A second poison event while draining changes nothing.
                     match self.on_report(report).await {
                         Ok(()) | Err(RelayError::Poison { .. }) => {}

@@ -97,6 +97,10 @@ impl RelayState {
         self.with(|i| i.stalled = why);
     }
 
+    pub fn stalled(&self) -> Option<String> {
+        self.with(|i| i.stalled.clone())
+    }
+
     /// Updated by the session (about every 100 ms) while it streams.
     pub fn set_silent_for(&self, d: Duration) {
         self.with(|i| i.silent_for = d);
