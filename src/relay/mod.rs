@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod core;
+pub mod error;
 pub mod lsn;
 pub mod mapping;
 pub mod park;
@@ -16,4 +17,5 @@ pub mod session;
 pub mod state;
 pub mod status_report;
 pub mod tag;
+mod topics;
 pub mod worker;

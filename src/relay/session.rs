@@ -22,7 +22,6 @@
 //! ([`RelayError::ReplicationTimeout`]). TCP keepalive and a user timeout on the
 //! socket (`super::replication`) catch a dead peer host underneath.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,102 +30,22 @@ use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::config::RelayConfig;
-use super::core::{self, Action, CoreConfig, CoreError, DeliveryCore, EventRef, Input, Row};
+use super::core::{self, Action, CoreConfig, CoreError, DeliveryCore, Input, Row};
 use super::lsn::Lsn;
-use super::mapping::{Mapper, MappingError, OutboxRecord};
+use super::mapping::{Mapper, OutboxRecord};
 use super::park::Parker;
-use super::pgoutput::{self, PgOutputError, PgOutputMessage, TupleData};
-use super::replication::{
-    ReplicationConnection, ReplicationError, ReplicationMessage, ReplicationReader, ReplicationWriter,
-};
+use super::pgoutput::{self, PgOutputMessage, TupleData};
+use super::replication::{ReplicationConnection, ReplicationMessage, ReplicationReader, ReplicationWriter};
 use super::state::{Phase, RelayState};
 use crate::kafka::{self, BrokerHealth, DeliveryErrorKind, DeliveryReport, RelayProducerContext};
 use crate::metrics::{OutcomeLabels, RelayMetrics};
-use crate::postgres::PgError;
 
 pub use super::core::headers;
-
-#[derive(Debug, Error)]
-pub enum RelayError {
-    #[error("replication: {0}")]
-    Replication(#[from] ReplicationError),
-    #[error("decoding pgoutput: {0}")]
-    Decode(#[from] PgOutputError),
-    #[error("{0}")]
-    Core(#[from] CoreError),
-    #[error(
-        "outbox table mapping: {0}; the relay cannot read any event until the spec's columns match the table (fix spec.outbox.columns or the table)"
-    )]
-    Mapping(MappingError),
-    #[error("creating the Kafka producer: {0}")]
-    Producer(KafkaError),
-    #[error(
-        "event {event} cannot be delivered ({kind}): {reason}. The relay stopped at it: nothing after it is sent or confirmed, and it retries. Fix the cause and it resumes on its own, or annotate the OutboxRelay with outbox.dev/skip-event={event} to park this one event in the park table and go on"
-    )]
-    Poison {
-        event: EventRef,
-        kind: &'static str,
-        reason: String,
-    },
-    #[error("Kafka delivery failed: {0}")]
-    Delivery(String),
-    #[error(
-        "cannot park event {event} in {table}: {source}. Nothing after it is confirmed; create the table (see docs) or grant the relay's role CREATE and INSERT on the schema"
-    )]
-    Park {
-        event: EventRef,
-        table: String,
-        #[source]
-        source: PgError,
-    },
-    #[error(
-        "the replication connection went silent: no message from the server for {after:?} after asking for a reply; reconnecting"
-    )]
-    ReplicationTimeout {
-        after: Duration,
-        /// The server process of the silent connection: it may still hold the
-        /// slot until its `wal_sender_timeout`, and the next session ends it.
-        backend_pid: Option<i32>,
-    },
-    #[error("the server ended the replication stream")]
-    StreamEnded,
-}
-
-impl RelayError {
-    /// Stable category for metrics, logs and conditions.
-    pub fn category(&self) -> &'static str {
-        match self {
-            RelayError::Replication(e) => e.category(),
-            RelayError::Decode(e) => e.category(),
-            RelayError::Core(e) => e.category(),
-            RelayError::Mapping(e) => e.category(),
-            RelayError::Producer(_) => "KafkaConfig",
-            RelayError::Poison { kind, .. } => kind,
-            RelayError::Delivery(_) => "KafkaError",
-            RelayError::Park { .. } => "ParkFailed",
-            RelayError::ReplicationTimeout { .. } => "ReplicationTimeout",
-            RelayError::StreamEnded => "StreamEnded",
-        }
-    }
-
-    /// Another worker streams from the slot: wait as a hot standby.
-    pub fn is_slot_in_use(&self) -> bool {
-        matches!(self, RelayError::Replication(e) if e.is_slot_in_use())
-    }
-
-    /// The event the error is about, when there is one.
-    pub fn event(&self) -> Option<&EventRef> {
-        match self {
-            RelayError::Poison { event, .. } | RelayError::Park { event, .. } => Some(event),
-            _ => None,
-        }
-    }
-}
+pub use super::error::RelayError;
 
 /// How a session that did not fail ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -137,10 +56,7 @@ pub enum SessionEnd {
 /// Reading pauses at this many open transactions too, so a backlog of
 /// transactions without outbox rows cannot grow the queue without bound.
 const MAX_OPEN_TRANSACTIONS: usize = 100_000;
-/// How long a topic metadata lookup may take before the record is sent unchecked.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
-
-type Producer_ = ThreadedProducer<RelayProducerContext>;
+pub(super) type Producer_ = ThreadedProducer<RelayProducerContext>;
 
 /// Runs one session until shutdown (`Ok`) or an error.
 pub async fn run(
@@ -198,11 +114,12 @@ pub async fn run(
         deletions,
         core,
         actions: Vec::new(),
+        spare: Vec::new(),
         parker,
         mapper: None,
         outbox_relation: None,
         outbox_columns: Vec::new(),
-        topics: TopicChecks::default(),
+        topics: super::topics::TopicChecks::default(),
         received: Lsn::ZERO,
         sent: Lsn::ZERO,
         last_progress: Instant::now(),
@@ -241,6 +158,8 @@ pub async fn run(
 }
 
 struct Session<'a> {
+    /// Actions being carried out while `actions` collects what they feed back.
+    spare: Vec<Action>,
     cfg: &'a RelayConfig,
     metrics: &'a RelayMetrics,
     state: &'a RelayState,
@@ -255,7 +174,7 @@ struct Session<'a> {
     mapper: Option<Mapper>,
     outbox_relation: Option<u32>,
     outbox_columns: Vec<String>,
-    topics: TopicChecks,
+    topics: super::topics::TopicChecks,
     /// Highest WAL position seen in the stream.
     received: Lsn,
     /// Flush position last sent to the server.
@@ -371,6 +290,11 @@ impl Session<'_> {
             .await?;
         if flush > self.sent {
             debug!(%flush, "confirmed");
+            if self.sent.is_zero() {
+                // First position this session confirmed: it got past whatever
+                // ended the last one.
+                self.state.progressed();
+            }
             self.sent = flush;
             self.metrics.confirmed_lsn.set(flush.as_u64() as i64);
         }
@@ -452,26 +376,36 @@ impl Session<'_> {
     }
 
     /// Feeds the core and carries out what it decides, including what those
-    /// actions feed back (an immediate send refusal, a finished park).
+    /// actions feed back (an immediate send refusal, a finished park). Two
+    /// buffers swap roles, so the per-event path allocates nothing here.
     async fn feed(&mut self, input: Input) -> Result<(), RelayError> {
         let mut buf = std::mem::take(&mut self.actions);
-        let result = self.feed_with(input, &mut buf).await;
-        buf.clear();
-        self.actions = buf;
-        result
-    }
-
-    async fn feed_with(&mut self, input: Input, buf: &mut Vec<Action>) -> Result<(), RelayError> {
-        self.core.step(input, buf)?;
+        let mut work = std::mem::take(&mut self.spare);
         let mut stop = None;
-        while !buf.is_empty() {
-            let batch: Vec<Action> = std::mem::take(buf);
-            for action in batch {
-                if let Some(next) = self.carry_out(action, &mut stop).await? {
-                    self.core.step(next, buf)?;
+        let mut result = self.core.step(input, &mut buf).map_err(RelayError::from);
+        while result.is_ok() && !buf.is_empty() {
+            std::mem::swap(&mut buf, &mut work);
+            for action in work.drain(..) {
+                match self.carry_out(action, &mut stop).await {
+                    Ok(None) => {}
+                    Ok(Some(next)) => {
+                        if let Err(e) = self.core.step(next, &mut buf) {
+                            result = Err(e.into());
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 }
             }
         }
+        buf.clear();
+        work.clear();
+        self.actions = buf;
+        self.spare = work;
+        result?;
         match stop {
             Some(e) => Err(e),
             None => Ok(()),
@@ -691,107 +625,5 @@ impl Session<'_> {
         writer.finish().await?;
         info!(confirmed = %self.core.confirmed(), left_in_flight = self.core.in_flight(), "stopped");
         Ok(SessionEnd::Shutdown)
-    }
-}
-
-/// Topic checks from metadata, cached per session. Only definite answers refuse
-/// (the topic does not exist, writing it is not authorized); a lookup that fails
-/// or times out lets the record go, and the broker's own answer decides.
-#[derive(Default)]
-struct TopicChecks {
-    /// The last topic found fine: the common case (one static topic) is a pointer compare.
-    last_ok: Option<Arc<str>>,
-    ok: HashMap<Arc<str>, ()>,
-}
-
-impl TopicChecks {
-    async fn check(&mut self, producer: &Arc<Producer_>, topic: &Arc<str>) -> Option<(&'static str, String)> {
-        if self.last_ok.as_ref().is_some_and(|t| Arc::ptr_eq(t, topic)) || self.ok.contains_key(topic) {
-            self.last_ok = Some(topic.clone());
-            return None;
-        }
-        let p = producer.clone();
-        let name = topic.to_string();
-        // librdkafka's metadata call blocks; keep it off the async threads.
-        let answer = tokio::task::spawn_blocking(move || {
-            p.client()
-                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
-                .map(|m| m.topics().first().and_then(|t| t.error()))
-        })
-        .await;
-        let refusal = match answer {
-            Ok(Ok(None)) => None,
-            Ok(Ok(Some(code))) => topic_refusal(topic, RDKafkaErrorCode::from(code)),
-            Ok(Err(e)) => {
-                debug!(%topic, error = %e, "topic metadata lookup failed; sending unchecked");
-                return None;
-            }
-            Err(_) => return None,
-        };
-        if refusal.is_none() {
-            if self.ok.len() >= 10_000 {
-                self.ok.clear();
-            }
-            self.ok.insert(topic.clone(), ());
-            self.last_ok = Some(topic.clone());
-        }
-        refusal
-    }
-}
-
-/// A metadata error that refuses the topic for good, as a category and a message.
-fn topic_refusal(topic: &str, code: RDKafkaErrorCode) -> Option<(&'static str, String)> {
-    use RDKafkaErrorCode as C;
-    match code {
-        C::UnknownTopicOrPartition | C::UnknownTopic => Some((
-            DeliveryErrorKind::UnknownTopic.category(),
-            format!("topic {topic} does not exist (create it, or enable automatic topic creation)"),
-        )),
-        C::TopicAuthorizationFailed => Some((
-            DeliveryErrorKind::NotAuthorized.category(),
-            format!("the relay's Kafka principal may not write topic {topic} (grant WRITE on it)"),
-        )),
-        C::InvalidTopic => Some((
-            DeliveryErrorKind::UnknownTopic.category(),
-            format!("topic name {topic} is not valid"),
-        )),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metadata_errors_that_refuse_a_topic() {
-        let (kind, msg) = topic_refusal("t", RDKafkaErrorCode::UnknownTopicOrPartition).expect("refused");
-        assert_eq!(kind, "UnknownTopic");
-        assert!(msg.contains("does not exist"));
-        assert_eq!(
-            topic_refusal("t", RDKafkaErrorCode::TopicAuthorizationFailed).map(|r| r.0),
-            Some("NotAuthorized")
-        );
-        assert_eq!(
-            topic_refusal("t", RDKafkaErrorCode::LeaderNotAvailable),
-            None,
-            "transient: let the broker decide"
-        );
-    }
-
-    #[test]
-    fn stop_messages_name_the_event_and_the_way_out() {
-        let e = RelayError::Poison {
-            event: EventRef {
-                event_id: "e-1".into(),
-                commit_lsn: Lsn::new(0x16B3748),
-            },
-            kind: "MessageTooLarge",
-            reason: "the record is 9000 bytes, more than maxMessageBytes 2048".into(),
-        };
-        let text = e.to_string();
-        assert!(text.contains("e-1@0/16B3748"), "{text}");
-        assert!(text.contains("outbox.dev/skip-event=e-1@0/16B3748"), "{text}");
-        assert_eq!(e.category(), "MessageTooLarge");
     }
 }

@@ -80,9 +80,16 @@ impl RelayState {
         self.with(|i| {
             i.phase = phase;
             i.silent_for = Duration::ZERO;
-            if phase == Phase::Streaming {
-                i.last_error = None;
-            }
+            // A new session starting to stream is not yet proof the last error is
+            // gone (a relay stopped at a poison event streams again for a moment on
+            // every retry): `progressed` clears it.
+        });
+    }
+
+    /// The session moved the confirmed position: whatever failed before is past.
+    pub fn progressed(&self) {
+        self.with(|i| {
+            i.last_error = None;
         });
     }
 
@@ -138,6 +145,11 @@ impl RelayState {
         self.with(|i| i.last_error.clone())
     }
 
+    /// Whether the last failure is still unresolved.
+    pub fn failing(&self) -> bool {
+        self.with(|i| i.last_error.is_some())
+    }
+
     /// `Ok(phase)` when the worker is healthy (streaming, or a standby ready to
     /// take over); `Err(reason)` otherwise.
     pub fn readiness(&self) -> Result<&'static str, String> {
@@ -167,6 +179,17 @@ mod tests {
         assert_eq!(s.readiness().unwrap_err(), "UnknownTopic: topic x does not exist");
         s.set_phase(Phase::Standby);
         assert_eq!(s.readiness(), Ok("Standby"));
+    }
+
+    #[test]
+    fn only_progress_clears_the_last_error() {
+        let s = RelayState::default();
+        s.set_error("MessageTooLarge", "event e@0/1 ...".into());
+        s.set_phase(Phase::Streaming);
+        assert!(s.failing(), "a retry that streams again has not fixed anything yet");
+        s.progressed();
+        assert!(!s.failing());
+        assert_eq!(s.last_error(), None);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub fn delivering(state: &RelayState) -> Option<Desired> {
     let phase = state.phase();
     match phase {
         Phase::Starting | Phase::Standby => None,
+        // Streaming again after a failure, without progress yet: still failing
+        // (a relay stopped at a poison event retries; it must not flap to True).
+        Phase::Streaming if state.failing() => failing(state),
         Phase::Streaming => Some(match state.stalled() {
             Some(why) => Desired::new(
                 types::DELIVERING,
@@ -65,18 +68,20 @@ pub fn delivering(state: &RelayState) -> Option<Desired> {
                 Desired::new(types::DELIVERING, true, reasons::RELAYING, message)
             }
         }),
-        Phase::Failing => {
-            let (category, message) = state
-                .last_error()
-                .unwrap_or(("Failing", "the last session failed".to_string()));
-            Some(Desired::new(
-                types::DELIVERING,
-                false,
-                category,
-                worker_message(category, &message),
-            ))
-        }
+        Phase::Failing => failing(state),
     }
+}
+
+fn failing(state: &RelayState) -> Option<Desired> {
+    let (category, message) = state
+        .last_error()
+        .unwrap_or(("Failing", "the last session failed".to_string()));
+    Some(Desired::new(
+        types::DELIVERING,
+        false,
+        category,
+        worker_message(category, &message),
+    ))
 }
 
 /// The error's text plus what to do, for kinds whose text says only what is wrong.
@@ -147,37 +152,41 @@ impl StatusReporter {
         }
     }
 
-    /// Writes the condition when it changed enough (see the module docs), and the
-    /// skipped event once, with a Warning Event.
+    /// Writes the condition when it changed enough (see the module docs), and a
+    /// newly skipped event, with a Warning Event.
     pub async fn report(&mut self, state: &RelayState) {
-        if let Some(skipped) = state.skipped()
-            && self.skipped_reported.as_ref() != Some(&skipped)
-        {
-            self.skipped(&skipped).await;
-            self.skipped_reported = Some(skipped);
-        }
+        let skipped = state.skipped();
+        let new_skip = skipped.is_some() && skipped != self.skipped_reported;
         let Some(want) = delivering(state) else { return };
-        let due = match &self.written {
-            None => true,
-            Some((had, at)) => {
-                had.status != want.status
-                    || had.reason != want.reason
-                    || (had.message != want.message && at.elapsed() >= self.message_interval)
-            }
-        };
-        if due && self.apply(&want).await {
-            if self
-                .written
-                .as_ref()
-                .is_none_or(|(had, _)| had.status != want.status || had.reason != want.reason)
-            {
-                info!(status = want.status, reason = want.reason, "reported Delivering");
-            }
-            self.written = Some((want, Instant::now()));
+        let due = new_skip
+            || match &self.written {
+                None => true,
+                Some((had, at)) => {
+                    had.status != want.status
+                        || had.reason != want.reason
+                        || (had.message != want.message && at.elapsed() >= self.message_interval)
+                }
+            };
+        if !due || !self.apply(&want, skipped.as_ref()).await {
+            return;
+        }
+        if self
+            .written
+            .as_ref()
+            .is_none_or(|(had, _)| had.status != want.status || had.reason != want.reason)
+        {
+            info!(status = want.status, reason = want.reason, "reported Delivering");
+        }
+        self.written = Some((want, Instant::now()));
+        if new_skip && let Some(event) = &skipped {
+            self.skip_event(event).await;
+            self.skipped_reported = skipped;
         }
     }
 
-    async fn apply(&self, want: &Desired) -> bool {
+    /// One apply holds every field the worker owns: with server-side apply, a
+    /// field the manager owned and leaves out of its next apply is removed.
+    async fn apply(&self, want: &Desired, skipped: Option<&EventRef>) -> bool {
         // Read the current conditions so lastTransitionTime moves only on a flip.
         let current = match tokio::time::timeout(API_TIMEOUT, self.api.get_status(&self.name)).await {
             Ok(Ok(r)) => r,
@@ -187,28 +196,30 @@ impl StatusReporter {
             }
             Err(_) => return false,
         };
-        let existing: Vec<Condition> = current.status.map(|s| s.conditions).unwrap_or_default();
         let generation = current.metadata.generation;
+        let (existing, last_skipped): (Vec<Condition>, Option<String>) = current
+            .status
+            .map(|s| (s.conditions, s.last_skipped_event))
+            .unwrap_or_default();
         let merged = conditions::merge(&existing, std::slice::from_ref(want), generation, &now());
         let Some(cond) = merged.into_iter().find(|c| c.type_ == types::DELIVERING) else {
             return false;
         };
+        let mut status = serde_json::json!({"conditions": [cond]});
+        // A restarted worker keeps reporting the skip an earlier one recorded.
+        if let Some(skip) = skipped.map(ToString::to_string).or(last_skipped) {
+            status["lastSkippedEvent"] = skip.into();
+        }
         let body = serde_json::json!({
             "apiVersion": OutboxRelay::api_version(&()),
             "kind": OutboxRelay::kind(&()),
-            "status": {"conditions": [cond]},
+            "status": status,
         });
         self.patch(&body).await
     }
 
-    async fn skipped(&self, event: &EventRef) {
+    async fn skip_event(&self, event: &EventRef) {
         warn!(%event, "reporting the skipped event");
-        let body = serde_json::json!({
-            "apiVersion": OutboxRelay::api_version(&()),
-            "kind": OutboxRelay::kind(&()),
-            "status": {"lastSkippedEvent": event.to_string()},
-        });
-        self.patch(&body).await;
         let Ok(Ok(relay)) = tokio::time::timeout(API_TIMEOUT, self.api.get(&self.name)).await else {
             return;
         };
@@ -293,6 +304,14 @@ mod tests {
         let d = delivering(&s).expect("condition");
         assert!(!d.status);
         assert_eq!(d.reason, "MessageTooLarge");
+        s.set_phase(Phase::Streaming);
+        assert_eq!(
+            delivering(&s),
+            Some(d.clone()),
+            "the retry streaming again does not flap to True"
+        );
+        s.progressed();
+        assert!(delivering(&s).expect("condition").status);
         assert!(d.message.contains("e-9@0/16B3748"), "{}", d.message);
         assert!(d.message.contains("outbox.dev/skip-event"), "{}", d.message);
     }
