@@ -60,6 +60,7 @@ pub async fn run_with(
         handle.state.set_liveness_bound(cfg.tuning.liveness_bound);
         let skips = spawn_reporter(&cfg, &handle, shutdown.clone(), client).await;
         let fixed_skip = cfg.skip.clone();
+        let mut read_skip = true;
         let deletions = spawn_deleter(&cfg, &handle, shutdown.clone());
         let mut backoff = cfg.tuning.min_backoff;
         // The server process of our own last connection, when it went silent:
@@ -70,8 +71,13 @@ pub async fn run_with(
             if *shutdown.borrow() {
                 return;
             }
-            if let Some(src) = &skips {
+            if let Some(src) = &skips
+                && read_skip
+            {
                 // The annotation, if set, is the skip request for this session.
+                // Read at start and after each failed session, not on every poll
+                // of a hot standby.
+                read_skip = false;
                 cfg.skip = match src.skip_request().await.map(|s| s.parse()) {
                     Some(Ok(e)) => Some(e),
                     Some(Err(why)) => {
@@ -111,6 +117,7 @@ pub async fn run_with(
                     cfg.tuning.standby_poll
                 }
                 Err(e) => {
+                    read_skip = true;
                     if let session::RelayError::ReplicationTimeout {
                         backend_pid: Some(pid), ..
                     } = &e
