@@ -145,7 +145,8 @@ async fn healthz_fails_when_a_streaming_session_hears_nothing() {
         detected.as_millis()
     );
     assert!(body.contains("nothing heard from PostgreSQL"), "{body}");
-    assert!(detected >= Duration::from_secs(4), "{detected:?}");
+    // Counted from the last message heard, up to one status interval (1 s) before the freeze.
+    assert!(detected >= Duration::from_secs(3), "{detected:?}");
 
     let _ = stop_http.send(true);
     let _ = http.await;

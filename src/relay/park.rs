@@ -78,6 +78,11 @@ impl Parker {
         }
     }
 
+    /// Drops the connection (after a failure or a timeout); the next park reconnects.
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
     pub fn table(&self) -> &QualifiedTable {
         &self.park
     }

@@ -56,6 +56,8 @@ pub enum SessionEnd {
 /// Reading pauses at this many open transactions too, so a backlog of
 /// transactions without outbox rows cannot grow the queue without bound.
 const MAX_OPEN_TRANSACTIONS: usize = 100_000;
+/// Bound on one park write (connect, create the table, insert).
+const PARK_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) type Producer_ = ThreadedProducer<RelayProducerContext>;
 
 /// Runs one session until shutdown (`Ok`) or an error.
@@ -253,8 +255,7 @@ impl Session<'_> {
                             backend_pid: None,
                         });
                     }
-                    let silent_for = if reading { self.last_heard.elapsed() } else { Duration::ZERO };
-                    self.state.set_silent_for(silent_for);
+                    self.state.heard(if reading { self.last_heard } else { Instant::now() });
                 }
                 _ = status_tick.tick() => {
                     // Ask for a reply: a server that answers proves the connection
@@ -439,7 +440,19 @@ impl Session<'_> {
             Action::Park { tag, event } => {
                 self.metrics.error(event.kind);
                 warn!(event = %event.event, kind = event.kind, reason = %event.reason, table = %self.parker.table(), "parking event");
-                self.parker.park(&event).await.map_err(|source| RelayError::Park {
+                // Bounded: a hung SQL connection must not hang the session.
+                let parked = tokio::time::timeout(PARK_TIMEOUT, self.parker.park(&event))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(crate::postgres::PgError::ConnectionLost {
+                            action: "park an event",
+                            detail: format!("no answer within {PARK_TIMEOUT:?}"),
+                        })
+                    });
+                if parked.is_err() {
+                    self.parker.reset();
+                }
+                parked.map_err(|source| RelayError::Park {
                     event: event.event.clone(),
                     table: self.parker.table().to_string(),
                     source,

@@ -1,7 +1,7 @@
 //! What the worker is doing, for `/readyz`, logs and metrics.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::core::EventRef;
 
@@ -36,8 +36,10 @@ struct Inner {
     last_error: Option<(&'static str, String)>,
     /// Events in flight and Kafka silent for too long.
     stalled: Option<String>,
-    /// How long the streaming session has heard nothing from the server.
-    silent_for: Duration,
+    /// When the streaming session last heard from the server (or was not
+    /// listening on purpose, paused for Kafka). Set by the session's loop, so a
+    /// loop stuck anywhere lets it age too.
+    heard_at: Instant,
     /// The event parked on a skip request, once it was.
     skipped: Option<EventRef>,
     /// See [`RelayState::liveness`].
@@ -57,7 +59,7 @@ impl Default for RelayState {
                 phase: Phase::Starting,
                 last_error: None,
                 stalled: None,
-                silent_for: Duration::ZERO,
+                heard_at: Instant::now(),
                 skipped: None,
                 liveness_bound: Duration::from_secs(60),
             }),
@@ -79,7 +81,7 @@ impl RelayState {
     pub fn set_phase(&self, phase: Phase) {
         self.with(|i| {
             i.phase = phase;
-            i.silent_for = Duration::ZERO;
+            i.heard_at = Instant::now();
             // A new session starting to stream is not yet proof the last error is
             // gone (a relay stopped at a poison event streams again for a moment on
             // every retry): `progressed` clears it.
@@ -109,8 +111,8 @@ impl RelayState {
     }
 
     /// Updated by the session (about every 100 ms) while it streams.
-    pub fn set_silent_for(&self, d: Duration) {
-        self.with(|i| i.silent_for = d);
+    pub fn heard(&self, at: Instant) {
+        self.with(|i| i.heard_at = at);
     }
 
     pub fn set_liveness_bound(&self, bound: Duration) {
@@ -131,13 +133,16 @@ impl RelayState {
     /// Failing sessions are not unhealthy: the supervisor retries them, and a
     /// restart would only lose the backoff.
     pub fn liveness(&self) -> Result<(), String> {
-        self.with(|i| match i.phase {
-            Phase::Streaming if i.silent_for > i.liveness_bound => Err(format!(
-                "streaming but nothing heard from PostgreSQL for {}s (bound {}s)",
-                i.silent_for.as_secs(),
-                i.liveness_bound.as_secs()
-            )),
-            _ => Ok(()),
+        self.with(|i| {
+            let silent = i.heard_at.elapsed();
+            match i.phase {
+                Phase::Streaming if silent > i.liveness_bound => Err(format!(
+                    "streaming but nothing heard from PostgreSQL for {}s (bound {}s)",
+                    silent.as_secs(),
+                    i.liveness_bound.as_secs()
+                )),
+                _ => Ok(()),
+            }
         })
     }
 
@@ -194,15 +199,16 @@ mod tests {
 
     #[test]
     fn liveness_fails_only_for_a_silent_streaming_session() {
+        let ago = |secs| Instant::now().checked_sub(Duration::from_secs(secs)).expect("clock");
         let s = RelayState::default();
         s.set_liveness_bound(Duration::from_secs(60));
-        s.set_silent_for(Duration::from_secs(600));
+        s.heard(ago(600));
         assert!(s.liveness().is_ok(), "starting: not streaming yet");
         s.set_phase(Phase::Streaming);
         assert!(s.liveness().is_ok(), "a new session starts silent-free");
-        s.set_silent_for(Duration::from_secs(30));
+        s.heard(ago(30));
         assert!(s.liveness().is_ok());
-        s.set_silent_for(Duration::from_secs(61));
+        s.heard(ago(61));
         assert!(s.liveness().unwrap_err().contains("nothing heard"));
         s.set_error("ReplicationTimeout", "silent".into());
         assert!(s.liveness().is_ok(), "the supervisor retries failing sessions");
