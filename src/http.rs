@@ -18,6 +18,10 @@ pub trait Probe: Clone + Send + Sync + 'static {
     fn metrics(&self) -> String;
     /// `Ok(what)` when ready to serve; `Err(why)` otherwise.
     fn readiness(&self) -> Result<String, String>;
+    /// `Err(why)` when the process is stuck and only a restart helps (`/healthz`).
+    fn liveness(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl Probe for RelayHandle {
@@ -27,6 +31,10 @@ impl Probe for RelayHandle {
 
     fn readiness(&self) -> Result<String, String> {
         self.state.readiness().map(str::to_string)
+    }
+
+    fn liveness(&self) -> Result<(), String> {
+        self.state.liveness()
     }
 }
 
@@ -43,7 +51,7 @@ pub async fn serve<P: Probe>(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics::<P>))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz::<P>))
         .route("/readyz", get(readyz::<P>))
         .with_state(probe);
     axum::serve(listener, app)
@@ -61,6 +69,13 @@ async fn metrics<P: Probe>(State(p): State<P>) -> impl IntoResponse {
         )],
         p.metrics(),
     )
+}
+
+async fn healthz<P: Probe>(State(p): State<P>) -> impl IntoResponse {
+    match p.liveness() {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
 }
 
 async fn readyz<P: Probe>(State(p): State<P>) -> impl IntoResponse {

@@ -237,7 +237,11 @@ async fn run_relay(args: RelayArgs) -> Result<(), Box<dyn std::error::Error>> {
         .or(file.name)
         .ok_or("no relay name: set --name or metadata.name")?;
     let namespace = args.namespace.or(file.namespace).unwrap_or_else(|| "default".into());
-    let cfg = RelayConfig::from_spec(&namespace, &name, &file.spec, &Credentials::from_env()?)?;
+    let skip = std::env::var(outbox_operator::relay::config::env::SKIP_EVENT)
+        .ok()
+        .or(file.skip_event);
+    let cfg =
+        RelayConfig::from_spec(&namespace, &name, &file.spec, &Credentials::from_env()?)?.with_skip(skip.as_deref())?;
 
     let handle = RelayHandle::new();
     let (tx, rx) = watch::channel(false);

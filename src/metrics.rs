@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `relayed` or `dead_lettered`.
+    /// `relayed`, `dead_lettered` (the copy on the dead-letter topic) or `parked` (in the park table).
     pub outcome: &'static str,
 }
 

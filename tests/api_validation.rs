@@ -364,3 +364,50 @@ async fn identity_cannot_change_after_creation() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(OutboxRelay::kind(&()), "OutboxRelay");
 }
+
+/// Every guarantee-bearing or TLS-weakening librdkafka property and every alias
+/// of one is refused by the API server; every allow-listed tuning key passes.
+#[tokio::test]
+async fn producer_config_refuses_every_protected_key_and_alias() {
+    use outbox_operator::kafka::keys;
+    let bed = shared().await;
+    let client = bed.kube.client().await.expect("client");
+    bed.kube.install_crd(&OutboxRelay::crd()).await.expect("install CRD");
+    let ns = namespace(&client).await;
+    let api = dynamic_api(&client, &ns);
+    let mut refused: Vec<&str> = keys::PROTECTED
+        .iter()
+        .flat_map(|p| std::iter::once(p.key).chain(p.aliases.iter().copied()))
+        .collect();
+    refused.extend(["dr_msg_cb", "dr_cb", "ssl.key.password", "some.unknown.key"]);
+    for k in [
+        "delivery.timeout.ms",
+        "request.required.acks",
+        "queue.buffering.max.ms",
+        "linger.ms",
+    ] {
+        assert!(refused.contains(&k), "{k} is tried");
+    }
+    let mut failures = Vec::new();
+    for (i, key) in refused.iter().enumerate() {
+        let obj = with(
+            valid(&format!("cfg-{i}")),
+            "spec.kafka.producer.config",
+            json!({ *key: "1" }),
+        );
+        match create(&api, obj).await {
+            Ok(_) => failures.push(format!("{key}: accepted")),
+            Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("spec.kafka.producer.config") => {}
+            Err(e) => failures.push(format!("{key}: expected 422 naming the field, got {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    let all: serde_json::Map<String, Value> = keys::ALLOWED.iter().map(|k| (k.to_string(), json!("1"))).collect();
+    create(
+        &api,
+        with(valid("cfg-tuning"), "spec.kafka.producer.config", Value::Object(all)),
+    )
+    .await
+    .expect("every allow-listed key is accepted");
+}

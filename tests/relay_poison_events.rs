@@ -171,3 +171,90 @@ async fn unknown_topic_is_reported_and_delivered_once_created() {
     assert_eq!(records.len(), 1, "{records:?}");
     worker.shutdown().await;
 }
+
+/// Stop means stop: an event for a topic that does not exist is refused before
+/// sending (from metadata), and no event after it reaches Kafka, even one for a
+/// topic that exists, until the cause is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_after_a_refused_event_reaches_kafka_under_stop() {
+    let bed = outbox_testbed::shared().await;
+    let mut fx = Fixture::new(&bed.pg, &bed.kafka, "poison-stopstop", 1).await;
+    let prefix = fx.name.clone();
+    fx.spec.kafka.topic = None;
+    fx.spec.kafka.route_by = Some(RouteBy {
+        column: "aggregatetype".into(),
+        topic_template: format!("{prefix}.${{routedByValue}}"),
+    });
+    let existing = format!("{prefix}.Order");
+    bed.kafka.create_topic(&existing, 1).await.expect("topic");
+    let worker = fx.start_worker();
+    let client = bed.pg.client(&fx.db).await.expect("connect");
+    let insert_to = |agg: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "INSERT INTO public.outbox (aggregatetype, aggregateid, type, payload)
+                     VALUES ($1, 'a', 'Created', '{}') RETURNING id::text",
+                    &[&agg],
+                )
+                .await
+                .expect("insert")
+                .get::<_, String>(0)
+        }
+    };
+    let before = insert_to("Order").await;
+    let got = consume_async(
+        &fx.bootstrap,
+        &existing,
+        &HashSet::from([before.clone()]),
+        WAIT,
+        Duration::ZERO,
+    )
+    .await;
+    assert_all_delivered(&got, &HashSet::from([before.clone()]));
+    let poison = insert_to("Missing").await;
+    let after = insert_to("Order").await;
+
+    let why = eventually(Duration::from_secs(60), "UnknownTopic", || async {
+        worker
+            .handle
+            .state
+            .readiness()
+            .err()
+            .filter(|w| w.contains("UnknownTopic"))
+    })
+    .await;
+    assert!(why.contains(&poison) && why.contains("does not exist"), "{why}");
+    // Several retries (backoff up to 2 s here) later, still nothing after it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let got = consume_async(
+        &fx.bootstrap,
+        &existing,
+        &HashSet::from([before.clone()]),
+        WAIT,
+        Duration::from_secs(2),
+    )
+    .await;
+    let ids: Vec<_> = got.iter().filter_map(|r| r.id.clone()).collect();
+    assert_eq!(
+        ids,
+        vec![before.clone()],
+        "the event after the refused one never reached Kafka"
+    );
+
+    bed.kafka
+        .create_topic(&format!("{prefix}.Missing"), 1)
+        .await
+        .expect("topic");
+    let got = consume_async(
+        &fx.bootstrap,
+        &existing,
+        &HashSet::from([after.clone()]),
+        WAIT,
+        Duration::ZERO,
+    )
+    .await;
+    assert_all_delivered(&got, &HashSet::from([after]));
+    worker.shutdown().await;
+}

@@ -16,6 +16,9 @@ pub mod types {
     pub const SLOT_HEALTHY: &str = "SlotHealthy";
     /// The worker Deployment has an available pod.
     pub const WORKER_AVAILABLE: &str = "WorkerAvailable";
+    /// Written by the worker itself (field manager `outbox-relay-worker`): events
+    /// are delivered, or why not (the event and what to do). Folded into `Ready`.
+    pub const DELIVERING: &str = "Delivering";
 }
 
 /// Condition reasons (CamelCase, stable: also used as Event reasons and metric labels).
@@ -49,6 +52,14 @@ pub mod reasons {
     pub const DATABASE_CHANGED: &str = "DatabaseChanged";
     /// Deletion waits for the worker to relay what was written before it.
     pub const DRAINING: &str = "Draining";
+    /// Worker: events wait for Kafka's acknowledgement for too long.
+    pub const KAFKA_UNAVAILABLE: &str = "KafkaUnavailable";
+    /// Worker: an event was skipped (parked) on request; Event reason.
+    pub const EVENT_SKIPPED: &str = "EventSkipped";
+    // Further `Delivering` reasons are the worker's stable error categories:
+    // MessageTooLarge, UnknownTopic, NotAuthorized, InvalidRecord, InvalidHeaders,
+    // InvalidTopic, InvalidPayload, ColumnMissing, ParkFailed, DeadLetterFailed,
+    // ReplicationTimeout, KafkaError, ConnectFailed, AuthenticationFailed, ...
 }
 
 /// A condition as a reconciler wants it, before timestamps.

@@ -21,19 +21,6 @@ use serde::{Deserialize, Serialize};
 /// API group of every resource this operator owns.
 pub const GROUP: &str = "outbox.dev";
 
-/// Producer settings that would break the delivery guarantees if a user could
-/// override them through `spec.kafka.producer.config`.
-pub const PROTECTED_PRODUCER_KEYS: &[&str] = &[
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "max.in.flight.requests.per.connection",
-    "max.in.flight",
-    "bootstrap.servers",
-    "enable.gapless.guarantee",
-    "transactional.id",
-];
-
 /// Declares one relay: which outbox table to stream from which database to which Kafka topics.
 // Several `printcolumn(...)` entries share keys like `type_`; clippy reads them as
 // repeated attributes.
@@ -327,7 +314,8 @@ fn default_topic_template() -> String {
     "outbox.event.${routedByValue}".into()
 }
 
-/// Producer settings. Idempotence and `acks=all` are always on and cannot be overridden.
+/// Producer settings. Idempotence, `acks=all`, unlimited retries and no delivery timeout are always on
+/// and cannot be overridden.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProducerSpec {
@@ -343,9 +331,13 @@ pub struct ProducerSpec {
     #[serde(default = "default_max_message_bytes")]
     #[schemars(range(min = 1024, max = 104857600))]
     pub max_message_bytes: i32,
-    /// Further librdkafka producer properties. Keys that would weaken delivery guarantees are refused.
+    /// Further librdkafka producer properties: tuning knobs only (client.id, batch.size,
+    /// batch.num.messages, request.timeout.ms, socket and reconnect settings, ...). Anything that
+    /// could weaken delivery, ordering, authentication or TLS, and every librdkafka alias of such a
+    /// property, is refused (an allow-list: see the docs).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = Rule::new("self.all(k, !(k in ['enable.idempotence', 'acks', 'request.required.acks', 'max.in.flight.requests.per.connection', 'max.in.flight', 'bootstrap.servers', 'enable.gapless.guarantee', 'transactional.id']))").message("config must not override idempotence, acks, in-flight limits, bootstrap servers or transactions"))]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = Rule::new(crate::kafka::keys::cel_rule()).message(crate::kafka::keys::CEL_MESSAGE))]
     pub config: BTreeMap<String, String>,
 }
 
@@ -614,6 +606,10 @@ pub struct OutboxRelayStatus {
     /// deletion then cannot remove them before the relay's cleanup ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protected_secrets: Vec<String>,
+    /// The last event skipped on request (`outbox.dev/skip-event`), as `<event id>@<commit LSN>`;
+    /// written by the worker. The event itself is in the park table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_skipped_event: Option<String>,
 }
 
 /// The relay's PostgreSQL objects and the identity of its slot, recorded when the

@@ -54,6 +54,15 @@ pub enum Error {
         #[source]
         source: ApiFailure,
     },
+
+    #[error(
+        "cannot apply the worker's {object}: {source}; check the operator's RBAC (serviceaccounts, roles and rolebindings patch)"
+    )]
+    WorkerIdentity {
+        object: String,
+        #[source]
+        source: ApiFailure,
+    },
 }
 
 impl Error {
@@ -62,6 +71,7 @@ impl Error {
             Error::Database(e) => e.category(),
             Error::DatabaseTimeout { .. } => "DatabaseTimeout",
             Error::Deployment { .. } => "DeploymentApplyFailed",
+            Error::WorkerIdentity { .. } => "WorkerIdentityApplyFailed",
         }
     }
 }
@@ -163,7 +173,14 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
     } else {
         build::deployment(&v)
     };
-    let worker = match apply_deployment(&ctx.client, &desired).await {
+    // The worker's ServiceAccount and Role come before the Deployment that uses them.
+    let applied = async {
+        super::worker_rbac::apply(&ctx.client, &v)
+            .await
+            .map_err(|(object, source)| Error::WorkerIdentity { object, source })?;
+        apply_deployment(&ctx.client, &desired).await
+    };
+    let worker = match applied.await {
         Ok(d) => worker_observation(relay, Some(&d)),
         Err(e) => {
             let e = ReconcileError::from(e);

@@ -122,6 +122,7 @@ pub fn deployment(v: &Validated) -> Deployment {
         plain(worker_env::NAME, name.clone()),
         plain(worker_env::NAMESPACE, v.identity.namespace.clone()),
         plain(worker_env::LOG_FORMAT, "json".into()),
+        plain(crate::relay::status_report::ENV, "true".into()),
     ];
     if let Some(level) = &spec.worker.log_level {
         env.push(plain(worker_env::RUST_LOG, level.clone()));
@@ -221,8 +222,10 @@ pub fn deployment(v: &Validated) -> Deployment {
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    // The worker never calls the Kubernetes API.
-                    automount_service_account_token: Some(false),
+                    // The worker's own identity: it may write its `Delivering` condition
+                    // and read its resource, nothing else (see worker_rbac).
+                    service_account_name: Some(super::worker_rbac::worker_identity_name(name)),
+                    automount_service_account_token: Some(true),
                     // Service env vars would only add noise next to OUTBOX_* settings.
                     enable_service_links: Some(false),
                     node_selector: (!spec.worker.node_selector.is_empty()).then(|| spec.worker.node_selector.clone()),
@@ -501,7 +504,15 @@ mod tests {
         assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         let psc = pod(&d).security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
-        assert_eq!(pod(&d).automount_service_account_token, Some(false));
+        assert_eq!(pod(&d).automount_service_account_token, Some(true));
+        assert_eq!(
+            pod(&d).service_account_name.as_deref(),
+            Some(d.metadata.name.as_deref().unwrap())
+        );
+        assert_eq!(
+            env(&d, "OUTBOX_STATUS_REPORTING").and_then(|e| e.value.as_deref()),
+            Some("true")
+        );
     }
 
     #[test]

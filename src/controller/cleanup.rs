@@ -453,6 +453,9 @@ async fn write_drain_status(
         .conditions
         .retain(|c| status::OWNED_TYPES.contains(&c.type_.as_str()));
     desired.drain = Some(drain);
+    // Fields the worker owns (its condition was filtered out above) stay the worker's.
+    desired.last_skipped_event = None;
+    desired.last_event_time = None;
     if relay.status.as_ref() == Some(&desired) {
         return Ok(());
     }

@@ -34,6 +34,7 @@ mod problems;
 pub mod secrets;
 pub mod status;
 pub mod validate;
+pub mod worker_rbac;
 
 #[cfg(test)]
 pub(crate) mod fixture;

@@ -158,7 +158,7 @@ pub fn desired_status(relay: &OutboxRelay, observed: &Observed, now: &Time) -> O
     let database = database_condition(&observed.database);
     let slot = slot_condition(relay, &observed.database);
     let worker = worker_condition(relay, &observed.worker);
-    let ready = ready_condition(relay, observed, &database, &slot, &worker);
+    let ready = fold_delivering(relay, ready_condition(relay, observed, &database, &slot, &worker));
 
     let current_conditions = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let conditions = merge(current_conditions, &[ready, database, slot.0, worker], generation, now)
@@ -199,6 +199,7 @@ pub fn desired_status(relay: &OutboxRelay, observed: &Observed, now: &Time) -> O
         binding,
         drain: None,
         protected_secrets: super::secrets::protected(relay),
+        last_skipped_event: None,
     }
 }
 
@@ -383,6 +384,61 @@ fn ready_condition(
         message.push_str(&slot_cond.message);
     }
     Desired::new(types::READY, true, reasons::RELAYING, message)
+}
+
+/// The worker's own `Delivering` condition (it owns it; see
+/// `relay::status_report`) folded into `Ready`: a relay whose worker is up but
+/// stopped at a poison event, or looping on an error, is not Ready, and says why
+/// in the worker's words (reason per stop kind, event and what to do). Only a
+/// Ready that would otherwise be True is overridden, so a suspended relay or a
+/// missing worker keeps its own, more basic reason.
+fn fold_delivering(relay: &OutboxRelay, ready: Desired) -> Desired {
+    if !ready.status || ready.reason == reasons::SUSPENDED {
+        return ready;
+    }
+    let worker = relay
+        .status
+        .as_ref()
+        .and_then(|s| crate::api::conditions::find(&s.conditions, types::DELIVERING));
+    match worker {
+        Some(c) if c.status == "False" => {
+            // Reasons are the worker's stable categories; unknown ones keep a generic name.
+            let reason = worker_reason(&c.reason);
+            Desired::new(types::READY, false, reason, c.message.clone())
+        }
+        _ => ready,
+    }
+}
+
+/// The worker's reason as a `&'static str` (conditions hold static reasons).
+fn worker_reason(reason: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "MessageTooLarge",
+        "UnknownTopic",
+        "NotAuthorized",
+        "InvalidRecord",
+        "InvalidHeaders",
+        "InvalidTopic",
+        "InvalidPayload",
+        "ColumnMissing",
+        "ParkFailed",
+        "DeadLetterFailed",
+        "ReplicationTimeout",
+        "KafkaUnavailable",
+        "KafkaError",
+        "KafkaConfig",
+        "ConnectFailed",
+        "ConnectTimeout",
+        "AuthenticationFailed",
+        "SlotMissing",
+        "StreamEnded",
+        "Protocol",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == reason)
+        .copied()
+        .unwrap_or("DeliveryFailing")
 }
 
 /// Whether `current` already holds `desired` in every field the operator owns.
@@ -762,6 +818,46 @@ mod tests {
         assert!(next.conditions.iter().all(|c| c.type_ != "Relaying"));
         assert!(next.last_event_time.is_none());
         assert!(unchanged(r.status.as_ref(), &next));
+    }
+
+    #[test]
+    fn a_stopped_worker_makes_ready_false_with_its_reason() {
+        let mut r = OutboxRelay::test();
+        let healthy_status = desired_status(&r, &healthy(), &t(100));
+        let (status, reason, _) = cond(&healthy_status, types::READY);
+        assert_eq!((status, reason), ("True", reasons::RELAYING));
+        let mut st = healthy_status.clone();
+        st.conditions.push(Condition {
+            type_: types::DELIVERING.into(),
+            status: "False".into(),
+            reason: "MessageTooLarge".into(),
+            message:
+                "event e-1@0/16B3748 cannot be delivered (MessageTooLarge): ... outbox.dev/skip-event=e-1@0/16B3748 ..."
+                    .into(),
+            observed_generation: Some(1),
+            last_transition_time: t(100),
+        });
+        r.status = Some(st);
+        let s = desired_status(&r, &healthy(), &t(200));
+        let (status, reason, message) = cond(&s, types::READY);
+        assert_eq!((status, reason), ("False", "MessageTooLarge"));
+        assert!(message.contains("e-1@0/16B3748"), "{message}");
+        assert!(
+            s.conditions.iter().all(|c| c.type_ != types::DELIVERING),
+            "the worker's condition is never applied by the operator"
+        );
+        r.spec.suspend = true;
+        let s = desired_status(
+            &r,
+            &observed(provisioned(Some(slot(0, "reserved"))), WorkerObservation::Suspended),
+            &t(300),
+        );
+        assert_eq!(
+            cond(&s, types::READY).1,
+            reasons::SUSPENDED,
+            "suspended wins over a stale worker word"
+        );
+        assert_eq!(worker_reason("SomethingNew"), "DeliveryFailing");
     }
 
     #[test]

@@ -20,6 +20,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::api::{Compression, KafkaProtocol, SaslMechanism};
 
+pub mod keys;
+
 /// Everything the producer needs, resolved (secrets read, files mounted).
 #[derive(Clone, Debug, PartialEq)]
 pub struct KafkaSettings {
@@ -39,12 +41,16 @@ pub struct KafkaSettings {
 /// that `QueueFull` never happens before the relay's own back-pressure does.
 pub const MAX_IN_FLIGHT: usize = 50_000;
 
-/// Builds the librdkafka configuration. Pure; the guarantee-bearing keys are set
-/// after the user's extras so nothing can override them.
+/// Builds the librdkafka configuration. Pure. Only allow-listed extras are taken
+/// ([`keys`]; the spec is checked before, this is the second line): no alias of a
+/// guarantee-bearing key can reach the map, so the order of `set` calls cannot
+/// decide which value wins.
 pub fn producer_config(s: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     for (k, v) in &s.extra {
-        c.set(k, v);
+        if keys::refusal(k).is_none() {
+            c.set(k, v);
+        }
     }
     c.set("bootstrap.servers", &s.bootstrap_servers)
         .set("compression.codec", s.compression.as_str())
@@ -65,6 +71,7 @@ pub fn producer_config(s: &KafkaSettings) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("max.in.flight.requests.per.connection", "5")
+        .set("message.send.max.retries", i32::MAX.to_string())
         .set("message.timeout.ms", "0");
     if let Some(m) = s.sasl_mechanism {
         c.set("sasl.mechanism", m.as_str());
@@ -254,7 +261,14 @@ mod tests {
             compression: Compression::Zstd,
             linger_ms: 7,
             max_message_bytes: 2048,
-            extra: vec![("acks".into(), "0".into()), ("batch.size".into(), "1000".into())],
+            extra: vec![
+                ("acks".into(), "0".into()),
+                ("delivery.timeout.ms".into(), "1000".into()),
+                ("linger.ms".into(), "999".into()),
+                ("retries".into(), "0".into()),
+                ("enable.ssl.certificate.verification".into(), "false".into()),
+                ("batch.size".into(), "1000".into()),
+            ],
             protocol: KafkaProtocol::SaslSsl,
             sasl_mechanism: Some(SaslMechanism::ScramSha512),
             sasl_username: Some("u".into()),
@@ -270,6 +284,11 @@ mod tests {
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("message.timeout.ms"), Some("0"));
         assert_eq!(c.get("batch.size"), Some("1000"), "harmless extras pass through");
+        for alias in ["delivery.timeout.ms", "retries", "enable.ssl.certificate.verification"] {
+            assert_eq!(c.get(alias), None, "{alias} never reaches the map");
+        }
+        assert_eq!(c.get("linger.ms"), Some("7"), "the spec's value, not the extra's");
+        assert_eq!(c.get("message.send.max.retries"), Some(i32::MAX.to_string().as_str()));
     }
 
     #[test]

@@ -81,6 +81,12 @@ impl<M> Checkpoints<M> {
         }
     }
 
+    /// A transaction's caller data while it is still tracked.
+    pub fn meta(&self, txn: TxnSeq) -> Option<&M> {
+        let idx = txn.0.checked_sub(self.base)?;
+        self.txns.get(usize::try_from(idx).ok()?).map(|t| &t.meta)
+    }
+
     /// Mutable access to a transaction's caller data while it is still tracked.
     pub fn meta_mut(&mut self, txn: TxnSeq) -> Option<&mut M> {
         self.get_mut(txn).map(|t| &mut t.meta)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::core::EventRef;
 use super::mapping::{Destination, ROUTED_BY_VALUE};
 use super::replication::ReplicationConfig;
 use crate::api::names::{default_publication_name, default_slot_name};
@@ -23,7 +24,13 @@ pub mod env {
     pub const KAFKA_PASSWORD: &str = "OUTBOX_KAFKA_PASSWORD";
     pub const PG_CA_FILE: &str = "OUTBOX_PG_CA_FILE";
     pub const KAFKA_CA_FILE: &str = "OUTBOX_KAFKA_CA_FILE";
+    /// `<event id>@<commit LSN>` of the one event to park instead of delivering
+    /// (the operator copies the `outbox.dev/skip-event` annotation into it).
+    pub const SKIP_EVENT: &str = "OUTBOX_SKIP_EVENT";
 }
+
+/// Annotation naming the one event to skip (park) to get past a Stop.
+pub const SKIP_EVENT_ANNOTATION: &str = "outbox.dev/skip-event";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -47,6 +54,10 @@ pub enum ConfigError {
     InvalidPort(i32),
     #[error("spec.delivery.poisonPolicy is DeadLetter but deadLetterTopic is not set")]
     NoDeadLetterTopic,
+    #[error("skip request (outbox.dev/skip-event): {0}")]
+    InvalidSkip(String),
+    #[error("spec.kafka.producer.config: {0}")]
+    ForbiddenProducerKey(String),
 }
 
 impl ConfigError {
@@ -114,6 +125,8 @@ impl Credentials {
 pub struct SpecFile {
     pub name: Option<String>,
     pub namespace: Option<String>,
+    /// The `outbox.dev/skip-event` annotation, when the file is a whole resource.
+    pub skip_event: Option<String>,
     pub spec: OutboxRelaySpec,
 }
 
@@ -121,16 +134,26 @@ impl SpecFile {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let value: serde_json::Value =
             serde_norway::from_str(text).map_err(|e| ConfigError::InvalidSpecFile(e.to_string()))?;
-        let (name, namespace, spec) = match value.get("spec") {
+        let (name, namespace, skip_event, spec) = match value.get("spec") {
             Some(spec) => {
                 let meta = value.get("metadata");
                 let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(|v| v.as_str()).map(str::to_string);
-                (field("name"), field("namespace"), spec.clone())
+                let skip = meta
+                    .and_then(|m| m.get("annotations"))
+                    .and_then(|a| a.get(SKIP_EVENT_ANNOTATION))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string);
+                (field("name"), field("namespace"), skip, spec.clone())
             }
-            None => (None, None, value),
+            None => (None, None, None, value),
         };
         let spec = serde_json::from_value(spec).map_err(|e| ConfigError::InvalidSpecFile(e.to_string()))?;
-        Ok(Self { name, namespace, spec })
+        Ok(Self {
+            name,
+            namespace,
+            skip_event,
+            spec,
+        })
     }
 }
 
@@ -156,6 +179,13 @@ pub struct Tuning {
     pub standby_poll: Duration,
     /// On shutdown, how long to wait for Kafka to acknowledge what is in flight.
     pub drain_timeout: Duration,
+    /// After a status update that asks for a reply, how long the server may stay
+    /// silent before the connection is taken for hung and replaced.
+    pub reply_timeout: Duration,
+    /// `/healthz` fails once a streaming session heard nothing from the server for
+    /// this long (the kubelet then restarts the worker). Above
+    /// `status_interval + reply_timeout`, so the session's own timeout acts first.
+    pub liveness_bound: Duration,
 }
 
 impl Default for Tuning {
@@ -170,6 +200,8 @@ impl Default for Tuning {
             max_backoff: Duration::from_secs(30),
             standby_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(10),
+            liveness_bound: Duration::from_secs(60),
         }
     }
 }
@@ -192,6 +224,11 @@ pub struct RelayConfig {
     pub poison: PoisonPolicy,
     pub dead_letter_topic: Option<String>,
     pub delete_after_relay: bool,
+    /// The one event to park instead of delivering (skip request).
+    pub skip: Option<EventRef>,
+    /// Write the `Delivering` condition and read skip requests on the resource
+    /// (set by the rendered Deployment; off for a worker outside Kubernetes).
+    pub report_status: bool,
     pub tuning: Tuning,
 }
 
@@ -219,6 +256,9 @@ impl RelayConfig {
         if spec.delivery.poison_policy == PoisonPolicy::DeadLetter && spec.delivery.dead_letter_topic.is_none() {
             return Err(ConfigError::NoDeadLetterTopic);
         }
+        // The API server checks this too (CEL); a spec file never passed it.
+        crate::kafka::keys::check(spec.kafka.producer.config.keys().map(String::as_str))
+            .map_err(ConfigError::ForbiddenProducerKey)?;
         // One set of connection settings; the replication connection derives from it.
         let sql = PgConnectConfig::from_spec(
             &spec.database,
@@ -266,8 +306,19 @@ impl RelayConfig {
             poison: spec.delivery.poison_policy,
             dead_letter_topic: spec.delivery.dead_letter_topic.clone(),
             delete_after_relay: spec.outbox.delete_after_relay,
+            skip: None,
+            report_status: false,
             tuning: Tuning::default(),
         })
+    }
+
+    /// Adds a skip request (`<event id>@<commit LSN>`); empty means none.
+    pub fn with_skip(mut self, skip: Option<&str>) -> Result<Self, ConfigError> {
+        self.skip = match skip.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) => Some(s.parse::<EventRef>().map_err(ConfigError::InvalidSkip)?),
+            None => None,
+        };
+        Ok(self)
     }
 }
 
@@ -341,6 +392,13 @@ mod tests {
             RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(),
             ConfigError::NoDeadLetterTopic
         );
+        let mut s = spec();
+        s.kafka
+            .producer
+            .config
+            .insert("delivery.timeout.ms".into(), "5000".into());
+        let e = RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err();
+        assert!(e.to_string().contains("alias of message.timeout.ms"), "{e}");
     }
 
     #[test]
@@ -352,6 +410,24 @@ mod tests {
             (Some("orders"), Some("shop"))
         );
         assert_eq!(f.spec, spec());
+        assert_eq!(f.skip_event, None);
+        let annotated = resource.replace(
+            "namespace: shop}",
+            "namespace: shop, annotations: {outbox.dev/skip-event: 'e1@0/16B3748'}}",
+        );
+        let f = SpecFile::parse(&annotated).unwrap();
+        assert_eq!(f.skip_event.as_deref(), Some("e1@0/16B3748"));
+        let c = RelayConfig::from_spec("a", "b", &f.spec, &creds())
+            .unwrap()
+            .with_skip(f.skip_event.as_deref())
+            .unwrap();
+        assert_eq!(c.skip.map(|s| s.to_string()), Some("e1@0/16B3748".to_string()));
+        assert!(matches!(
+            RelayConfig::from_spec("a", "b", &f.spec, &creds())
+                .unwrap()
+                .with_skip(Some("nonsense")),
+            Err(ConfigError::InvalidSkip(_))
+        ));
         let bare = serde_json::to_string(&spec()).unwrap();
         assert_eq!(SpecFile::parse(&bare).unwrap().spec, spec());
         assert!(matches!(

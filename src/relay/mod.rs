@@ -5,11 +5,17 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod core;
+pub mod error;
 pub mod lsn;
 pub mod mapping;
+pub mod park;
 pub mod pgoutput;
 pub mod replication;
 pub mod retention;
 pub mod session;
 pub mod state;
+pub mod status_report;
+pub mod tag;
+mod topics;
 pub mod worker;

@@ -80,6 +80,8 @@ pub struct ReplicationConfig {
     pub connect_timeout: Duration,
     /// Answer a cleartext password request without TLS (`crate::postgres::auth`).
     pub allow_cleartext_password: bool,
+    /// Keepalive and user timeout of the socket.
+    pub tcp: TcpLiveness,
 }
 
 impl ReplicationConfig {
@@ -109,6 +111,7 @@ impl ReplicationConfig {
             ca_pem: None,
             connect_timeout: Duration::from_secs(30),
             allow_cleartext_password: false,
+            tcp: TcpLiveness::default(),
         }
     }
 }
@@ -126,6 +129,7 @@ impl fmt::Debug for ReplicationConfig {
             .field("ssl_mode", &self.ssl_mode)
             .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("<{} bytes>", p.len())))
             .field("connect_timeout", &self.connect_timeout)
+            .field("tcp", &self.tcp)
             .finish()
     }
 }
@@ -892,7 +896,53 @@ async fn tcp_connect(config: &ReplicationConfig) -> Result<TcpStream> {
         context: "setting TCP_NODELAY",
         source,
     })?;
+    set_liveness_options(&stream, config).map_err(|source| ReplicationError::Io {
+        context: "setting TCP keepalive and user timeout",
+        source,
+    })?;
     Ok(stream)
+}
+
+/// A dead peer (host gone, network cut, no RST) must not look like a quiet
+/// stream. Keepalive probes find an idle dead connection after
+/// `time + retries * interval`; `TCP_USER_TIMEOUT` bounds how long sent data
+/// (our status updates) may stay unacknowledged. Neither sees a peer whose
+/// kernel still acknowledges while the server process is stuck: the session's
+/// reply deadline covers that (`super::session`).
+fn set_liveness_options(stream: &TcpStream, config: &ReplicationConfig) -> io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let t = &config.tcp;
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(t.keepalive_idle)
+            .with_interval(t.keepalive_interval)
+            .with_retries(t.keepalive_retries),
+    )?;
+    #[cfg(target_os = "linux")]
+    sock.set_tcp_user_timeout(Some(t.user_timeout))?;
+    Ok(())
+}
+
+/// TCP settings of the replication socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpLiveness {
+    pub keepalive_idle: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_retries: u32,
+    pub user_timeout: Duration,
+}
+
+impl Default for TcpLiveness {
+    /// A dead idle peer is found in about 10 + 3 × 5 = 25 s; unacknowledged
+    /// data fails the connection after 30 s.
+    fn default() -> Self {
+        Self {
+            keepalive_idle: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_retries: 3,
+            user_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 async fn open_stream(config: &ReplicationConfig) -> Result<Stream> {
@@ -1148,6 +1198,24 @@ fn invalid_argument(what: &str, e: io::Error) -> ReplicationError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_socket_gets_keepalive_and_a_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cfg = ReplicationConfig::new("127.0.0.1", port, "u", "d");
+        let stream = tcp_connect(&cfg).await.expect("connect");
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(sock.tcp_keepalive_time().expect("idle"), Duration::from_secs(10));
+        assert_eq!(sock.tcp_keepalive_interval().expect("interval"), Duration::from_secs(5));
+        assert_eq!(sock.tcp_keepalive_retries().expect("retries"), 3);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_user_timeout().expect("user timeout"),
+            Some(Duration::from_secs(30))
+        );
+    }
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];

@@ -84,3 +84,20 @@ async fn delete(
     }
     Ok(())
 }
+
+/// Ends the walsender `pid` if it still holds this relay's slot. Only ever
+/// called with the backend of our own previous connection, which went silent:
+/// never a live peer (a hot standby must not take the slot from a working
+/// worker). A role may end its own backends without extra privileges.
+pub async fn end_stale_walsender(cfg: &RelayConfig, pid: i32) -> Result<bool, PgError> {
+    let client = connect(&cfg.sql).await?;
+    let row = client
+        .query_opt(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND active_pid = $2",
+            &[&cfg.slot, &pid],
+        )
+        .await
+        .map_err(|e| query_error("ending a stale walsender", e))?;
+    Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+}

@@ -1,0 +1,112 @@
+//! The session's error: one variant per kind of failure, each with a stable
+//! CamelCase category (condition reason, metric label, log field).
+
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use thiserror::Error;
+
+use super::core::{CoreError, EventRef};
+use super::mapping::MappingError;
+use super::pgoutput::PgOutputError;
+use super::replication::ReplicationError;
+use crate::postgres::PgError;
+
+#[derive(Debug, Error)]
+pub enum RelayError {
+    #[error("replication: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error("decoding pgoutput: {0}")]
+    Decode(#[from] PgOutputError),
+    #[error("{0}")]
+    Core(#[from] CoreError),
+    #[error(
+        "outbox table mapping: {0}; the relay cannot read any event until the spec's columns match the table (fix spec.outbox.columns or the table)"
+    )]
+    Mapping(MappingError),
+    #[error("creating the Kafka producer: {0}")]
+    Producer(KafkaError),
+    #[error(
+        "event {event} cannot be delivered ({kind}): {reason}. The relay stopped at it: nothing after it is sent or confirmed, and it retries. Fix the cause and it resumes on its own, or annotate the OutboxRelay with outbox.dev/skip-event={event} to park this one event in the park table and go on"
+    )]
+    Poison {
+        event: EventRef,
+        kind: &'static str,
+        reason: String,
+    },
+    #[error("Kafka delivery failed: {0}")]
+    Delivery(String),
+    #[error(
+        "cannot park event {event} in {table}: {source}. Nothing after it is confirmed; create the table (see docs) or grant the relay's role CREATE and INSERT on the schema"
+    )]
+    Park {
+        event: EventRef,
+        table: String,
+        #[source]
+        source: PgError,
+    },
+    #[error(
+        "the replication connection went silent: no message from the server for {after:?} after asking for a reply; reconnecting"
+    )]
+    ReplicationTimeout {
+        after: Duration,
+        /// The server process of the silent connection: it may still hold the
+        /// slot until its `wal_sender_timeout`, and the next session ends it.
+        backend_pid: Option<i32>,
+    },
+    #[error("the server ended the replication stream")]
+    StreamEnded,
+}
+
+impl RelayError {
+    /// Stable category for metrics, logs and conditions.
+    pub fn category(&self) -> &'static str {
+        match self {
+            RelayError::Replication(e) => e.category(),
+            RelayError::Decode(e) => e.category(),
+            RelayError::Core(e) => e.category(),
+            RelayError::Mapping(e) => e.category(),
+            RelayError::Producer(_) => "KafkaConfig",
+            RelayError::Poison { kind, .. } => kind,
+            RelayError::Delivery(_) => "KafkaError",
+            RelayError::Park { .. } => "ParkFailed",
+            RelayError::ReplicationTimeout { .. } => "ReplicationTimeout",
+            RelayError::StreamEnded => "StreamEnded",
+        }
+    }
+
+    /// Another worker streams from the slot: wait as a hot standby.
+    pub fn is_slot_in_use(&self) -> bool {
+        matches!(self, RelayError::Replication(e) if e.is_slot_in_use())
+    }
+
+    /// The event the error is about, when there is one.
+    pub fn event(&self) -> Option<&EventRef> {
+        match self {
+            RelayError::Poison { event, .. } | RelayError::Park { event, .. } => Some(event),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::lsn::Lsn;
+
+    #[test]
+    fn stop_messages_name_the_event_and_the_way_out() {
+        let e = RelayError::Poison {
+            event: EventRef {
+                event_id: "e-1".into(),
+                commit_lsn: Lsn::new(0x16B3748),
+            },
+            kind: "MessageTooLarge",
+            reason: "the record is 9000 bytes, more than maxMessageBytes 2048".into(),
+        };
+        let text = e.to_string();
+        assert!(text.contains("e-1@0/16B3748"), "{text}");
+        assert!(text.contains("outbox.dev/skip-event=e-1@0/16B3748"), "{text}");
+        assert_eq!(e.category(), "MessageTooLarge");
+    }
+}
