@@ -105,6 +105,10 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("WalLost", "False", "Degraded"),
     ("SlotMissing", "False", "Degraded"),
     ("WorkerUnavailable", "False", "Degraded"),
+    // The worker's own stops (Delivering folded into Ready).
+    ("KafkaUnavailable", "False", "Degraded"),
+    // An Event reason; as a Ready reason it would be a stop like any other.
+    ("EventSkipped", "False", "Degraded"),
     ("Conflict", "False", "Degraded"),
     ("SlotLost", "False", "Degraded"),
     ("DatabaseChanged", "False", "Degraded"),
