@@ -86,7 +86,10 @@ fn bad_values_are_refused_naming_the_value() {
     for (set, named) in [
         ("replicaCount=9", "/replicaCount"),
         ("leaderElection.enabled=false", "/leaderElection/enabled"),
-        ("leaderElection.leaseDurationSeconds=1", "/leaderElection/leaseDurationSeconds"),
+        (
+            "leaderElection.leaseDurationSeconds=1",
+            "/leaderElection/leaseDurationSeconds",
+        ),
         ("requeueSeconds=0", "/requeueSeconds"),
         ("metrics.port=70000", "/metrics/port"),
         ("metrics.port=http", "/metrics/port"),

@@ -270,12 +270,7 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
     )
     .await?;
     let owner = owner_of(relay);
-    let t = binding::Target {
-        owner: &owner,
-        slot: &target.slot,
-        publication: &target.publication,
-        table: &target.table,
-    };
+    let t = target.binding(&owner);
     let obs = timed(
         "reading the slot and publication",
         CHECK_TIMEOUT,

@@ -192,12 +192,7 @@ async fn delete(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<P
     )
     .await?;
     let owner = apply::owner_of(relay);
-    let t = binding::Target {
-        owner: &owner,
-        slot: &target.slot,
-        publication: &target.publication,
-        table: &target.table,
-    };
+    let t = target.binding(&owner);
 
     // Only the relay's own slot is drained; one that belongs to another relay (a
     // conflicting relay being deleted) is not even looked into.

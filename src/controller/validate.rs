@@ -12,6 +12,7 @@ use super::dereference::Dereferenced;
 use crate::api::conditions::reasons;
 use crate::api::names::{default_publication_name, default_slot_name};
 use crate::api::{ColumnMapping, OutboxRelay, OutboxRelaySpec};
+use crate::postgres::binding::{self, Owner};
 use crate::postgres::{PgConnectConfig, QualifiedTable};
 use crate::relay::config::{Credentials, RelayConfig};
 
@@ -75,6 +76,18 @@ pub struct DatabaseTarget {
     pub columns: ColumnMapping,
     pub slot: String,
     pub publication: String,
+}
+
+impl DatabaseTarget {
+    /// The relay's objects, as the binding module names them.
+    pub fn binding<'a>(&'a self, owner: &'a Owner) -> binding::Target<'a> {
+        binding::Target {
+            owner,
+            slot: &self.slot,
+            publication: &self.publication,
+            table: &self.table,
+        }
+    }
 }
 
 /// A relay whose spec passed every check, ready to be built and applied.
