@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         spec_change_rolls_the_pods_without_loss,
         suspend_keeps_the_slot_and_resume_drains_the_backlog,
         deleted_relay_is_garbage_collected_and_cleaned_up_per_policy,
+        deleted_namespace_finishes_under_both_policies,
         rotated_secret_rolls_the_pods,
         // Last: it reads what every test above made the operator do.
         the_chart_grants_every_permission_the_operator_used,
@@ -243,6 +244,52 @@ async fn deleted_relay_is_garbage_collected_and_cleaned_up_per_policy() {
         "relays deleted -> Deployments and pods collected: {:.1}s",
         t.elapsed().as_secs_f32()
     );
+    assert!(!case.slot_exists(&default_slot_name(&case.ns, "dropped")).await);
+    assert!(
+        !case
+            .publication_exists(&default_publication_name(&case.ns, "dropped"))
+            .await
+    );
+    assert!(case.slot_exists(&default_slot_name(&case.ns, "kept")).await);
+    assert!(
+        case.publication_exists(&default_publication_name(&case.ns, "kept"))
+            .await
+    );
+}
+
+/// Delete the whole namespace of two relays (one `Delete`, one `Retain`): the
+/// namespace controller deletes the credentials Secret, the pods and the relays at
+/// once. The operator's finalizer on the Secret keeps it readable until the relays'
+/// cleanup ran, so both finish and the namespace goes; `Delete` leaves no slot or
+/// publication behind, `Retain` keeps both.
+async fn deleted_namespace_finishes_under_both_policies() {
+    let case = Case::new("nsdel", 1).await;
+    case.create_relay("dropped", case.spec(json!({"cleanupPolicy": "Delete"})))
+        .await;
+    case.create_relay("kept", case.spec(json!({"cleanupPolicy": "Retain"})))
+        .await;
+    case.await_ready_pods("dropped", 1).await;
+    case.await_ready_pods("kept", 1).await;
+    let ids = case.insert_events(4, 5, 5, 1).await;
+    case.assert_delivered("dropped", &ids).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(case.client.clone());
+    let t = Instant::now();
+    namespaces
+        .delete(&case.ns, &DeleteParams::default())
+        .await
+        .expect("delete namespace");
+    let deadline = Instant::now() + cluster_support::WAIT;
+    while namespaces.get_opt(&case.ns).await.expect("get namespace").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "namespace {} still there after {:?}\n{}",
+            case.ns,
+            cluster_support::WAIT,
+            case.dump("dropped").await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("namespace deleted -> gone: {:.1}s", t.elapsed().as_secs_f32());
     assert!(!case.slot_exists(&default_slot_name(&case.ns, "dropped")).await);
     assert!(
         !case

@@ -70,7 +70,8 @@ pub fn helm_install(c: &Cluster, extra: &[&str]) {
     .args(["--set", &format!("image.repository={repo}")])
     .args(["--set", &format!("image.tag={tag}")])
     .args(["--set", "image.pullPolicy=Never"])
-    .args(["--set", "logLevel=info,outbox_operator=debug"]);
+    // A comma separates --set assignments; escaped, it stays in the value.
+    .args(["--set", "logLevel=info\\,outbox_operator=debug"]);
     for s in extra {
         cmd.args(["--set", s]);
     }
