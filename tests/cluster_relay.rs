@@ -244,17 +244,7 @@ async fn deleted_relay_is_garbage_collected_and_cleaned_up_per_policy() {
         "relays deleted -> Deployments and pods collected: {:.1}s",
         t.elapsed().as_secs_f32()
     );
-    assert!(!case.slot_exists(&default_slot_name(&case.ns, "dropped")).await);
-    assert!(
-        !case
-            .publication_exists(&default_publication_name(&case.ns, "dropped"))
-            .await
-    );
-    assert!(case.slot_exists(&default_slot_name(&case.ns, "kept")).await);
-    assert!(
-        case.publication_exists(&default_publication_name(&case.ns, "kept"))
-            .await
-    );
+    assert_objects_per_policy(&case, "dropped", "kept").await;
 }
 
 /// Delete the whole namespace of two relays (one `Delete`, one `Retain`): the
@@ -290,16 +280,23 @@ async fn deleted_namespace_finishes_under_both_policies() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     eprintln!("namespace deleted -> gone: {:.1}s", t.elapsed().as_secs_f32());
-    assert!(!case.slot_exists(&default_slot_name(&case.ns, "dropped")).await);
+    assert_objects_per_policy(&case, "dropped", "kept").await;
+}
+
+/// After deleting the relays `dropped` (`cleanupPolicy: Delete`) and `kept`
+/// (`Retain`): the first's slot and publication are gone, the second's are there.
+async fn assert_objects_per_policy(case: &Case, dropped: &str, kept: &str) {
+    let slot = |r| default_slot_name(&case.ns, r);
+    let publication = |r| default_publication_name(&case.ns, r);
+    assert!(!case.slot_exists(&slot(dropped)).await, "{dropped}'s slot dropped");
     assert!(
-        !case
-            .publication_exists(&default_publication_name(&case.ns, "dropped"))
-            .await
+        !case.publication_exists(&publication(dropped)).await,
+        "{dropped}'s publication dropped"
     );
-    assert!(case.slot_exists(&default_slot_name(&case.ns, "kept")).await);
+    assert!(case.slot_exists(&slot(kept)).await, "{kept}'s slot kept");
     assert!(
-        case.publication_exists(&default_publication_name(&case.ns, "kept"))
-            .await
+        case.publication_exists(&publication(kept)).await,
+        "{kept}'s publication kept"
     );
 }
 
