@@ -43,8 +43,10 @@ async fn applied_relay_runs_ready_pods_and_events_flow() {
     case.create_relay("orders", case.spec(json!({}))).await;
     let pods = case.await_ready_pods("orders", 1).await;
     eprintln!("relay applied -> worker pod Ready: {:.1}s", t.elapsed().as_secs_f32());
-    let (code, body) = pod_get(&pods[0], "/readyz").await.expect("worker answers");
-    assert_eq!((code, body.as_str()), (200, "Streaming"));
+    // Ready means Streaming or Standby; a first session that failed under load can
+    // find its own previous server process still holding the slot for a moment.
+    let phases = await_phases(&pods, |p| p == ["Streaming"]).await;
+    assert_eq!(phases, ["Streaming"]);
     let ids = case.insert_events(10, 20, 25, 1).await;
     case.assert_delivered("orders", &ids).await;
 }
@@ -79,10 +81,10 @@ async fn standby_takes_over_when_the_active_pod_is_killed() {
     case.create_relay("orders", case.spec(json!({"worker": {"replicas": 2}})))
         .await;
     let pods = case.await_ready_pods("orders", 2).await;
-    let mut phases = Vec::new();
-    for p in &pods {
-        phases.push(pod_get(p, "/readyz").await.map(|(_, b)| b).unwrap_or_default());
-    }
+    let phases = await_phases(&pods, |p| {
+        p.iter().filter(|b| *b == "Streaming").count() == 1 && p.iter().filter(|b| *b == "Standby").count() == 1
+    })
+    .await;
     let active = phases.iter().position(|b| b == "Streaming");
     let standby = phases.iter().position(|b| b == "Standby");
     let (Some(active), Some(standby)) = (active, standby) else {
@@ -283,6 +285,21 @@ async fn deleted_namespace_finishes_under_both_policies() {
     assert_objects_per_policy(&case, "dropped", "kept").await;
 }
 
+/// The workers' `/readyz` bodies once `ok` holds for them (or after 30 s).
+async fn await_phases(pods: &[k8s_openapi::api::core::v1::Pod], ok: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut phases = Vec::new();
+        for p in pods {
+            phases.push(pod_get(p, "/readyz").await.map(|(_, b)| b).unwrap_or_default());
+        }
+        if ok(&phases) || Instant::now() > deadline {
+            return phases;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// After deleting the relays `dropped` (`cleanupPolicy: Delete`) and `kept`
 /// (`Retain`): the first's slot and publication are gone, the second's are there.
 async fn assert_objects_per_policy(case: &Case, dropped: &str, kept: &str) {
@@ -351,7 +368,12 @@ async fn the_chart_grants_every_permission_the_operator_used() {
             continue;
         }
         requests += 1;
-        if ev["responseStatus"]["code"] == 403 {
+        // A namespace being deleted refuses new objects (Events) to everyone: that
+        // is not the chart's RBAC.
+        let terminating = ev["responseStatus"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("because it is being terminated"));
+        if ev["responseStatus"]["code"] == 403 && !terminating {
             let field = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
             forbidden.push(format!(
                 "{} {}/{} in namespace {:?}",
