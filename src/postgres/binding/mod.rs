@@ -107,6 +107,8 @@ pub async fn bind(
         slot_created_lsn: None,
         slot_created_at: None,
     };
+    // A slot kept as it was is the one `inspect` just read; only a new one is read again.
+    let created = matches!(steps.slot, SlotStep::Create { .. });
     let mut identity = match steps.slot {
         SlotStep::Keep { identity } => {
             if !objects::verify_slot(client, t.slot).await? {
@@ -146,7 +148,11 @@ pub async fn bind(
         write_marker(client, t.publication, &marker).await?;
     }
     identity.recreated_for = steps.echo_recreate.or(identity.recreated_for);
-    let slot = slot_status(client, t.slot).await?;
+    let slot = if created {
+        slot_status(client, t.slot).await?
+    } else {
+        obs.slot.clone()
+    };
     Ok(Bound {
         identity,
         slot,
