@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cluster_support::{Case, OPERATOR_NS, names, pod_get};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use kube::api::{Api, DeleteParams, ListParams};
 use outbox_operator::api::names::{default_publication_name, default_slot_name};
 use serde_json::json;
@@ -49,6 +49,15 @@ async fn applied_relay_runs_ready_pods_and_events_flow() {
     assert_eq!(phases, ["Streaming"]);
     let ids = case.insert_events(10, 20, 25, 1).await;
     case.assert_delivered("orders", &ids).await;
+    // The operator's own first steps (its finalizer on the credentials Secret among
+    // them) must not roll the workers it just started: one ReplicaSet, same pod.
+    let sets: Api<ReplicaSet> = Api::namespaced(case.client.clone(), &case.ns);
+    let sets = sets
+        .list(&ListParams::default().labels("app.kubernetes.io/instance=orders"))
+        .await
+        .expect("list ReplicaSets");
+    assert_eq!(sets.items.len(), 1, "the new relay's workers were rolled");
+    assert_eq!(names(&case.ready_pods("orders").await), names(&pods));
 }
 
 /// Delete the worker pod while events are written: the Deployment replaces it,
@@ -88,7 +97,10 @@ async fn standby_takes_over_when_the_active_pod_is_killed() {
     let active = phases.iter().position(|b| b == "Streaming");
     let standby = phases.iter().position(|b| b == "Standby");
     let (Some(active), Some(standby)) = (active, standby) else {
-        panic!("want one Streaming and one Standby worker, got {phases:?}");
+        panic!(
+            "want one Streaming and one Standby worker, got {phases:?}\n{}",
+            case.dump("orders").await
+        );
     };
     let writer = case.start_writer(5);
     tokio::time::sleep(Duration::from_secs(1)).await;

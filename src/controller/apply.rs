@@ -93,12 +93,14 @@ pub struct Outcome {
 pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
     let namespace = relay.namespace().unwrap_or_default();
     let prepared = match dereference::dereference(&ctx.client, &namespace, &relay.spec).await {
-        Ok(secrets) => validate::validate(relay, &secrets, &ctx.config.relay_image)
-            .map(|v| (v, secrets))
-            .map_err(ReconcileError::from),
+        Ok(mut secrets) => {
+            // Before validation: guarding changes the versions the pod template hashes.
+            super::secrets::guard(ctx, relay, &mut secrets).await;
+            validate::validate(relay, &secrets, &ctx.config.relay_image).map_err(ReconcileError::from)
+        }
         Err(e) => Err(ReconcileError::from(e)),
     };
-    let (v, secrets) = match prepared {
+    let v = match prepared {
         Ok(v) => v,
         Err(e) => {
             // Nothing to apply; still report the worker as it stands.
@@ -117,8 +119,6 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
             };
         }
     };
-    super::secrets::guard(ctx, relay, &secrets).await;
-
     let others = ctx.relays.state();
     let cached = conflicts::find(relay, others.iter().map(|r| &**r));
     let (database, take, mut error) = match cached {

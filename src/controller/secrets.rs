@@ -54,13 +54,21 @@ fn releasable(ctx: &Context, relay: &OutboxRelay, candidates: BTreeSet<String>) 
 
 /// Adds the finalizer where it is missing, and removes it from Secrets the relay
 /// protected before but whose name its spec no longer holds.
-pub async fn guard(ctx: &Context, relay: &OutboxRelay, secrets: &Dereferenced) {
+///
+/// Adding the finalizer gives the Secret a new resourceVersion, and the workers'
+/// pod template carries a hash of those versions (so a rotated password rolls
+/// them). The new version replaces the one read, before anything is built from
+/// it: otherwise every new relay would roll its just-started workers once.
+pub async fn guard(ctx: &Context, relay: &OutboxRelay, secrets: &mut Dereferenced) {
     let ns = relay.namespace().unwrap_or_default();
     let want = protected(relay);
     for name in want.iter().filter(|n| secrets.unguarded.contains(*n)) {
         let rv = secrets.secret_versions.get(name).cloned().unwrap_or_default();
-        add(ctx, &ns, name, &rv).await;
+        if let Some(new) = add(ctx, &ns, name, &rv).await {
+            secrets.secret_versions.insert(name.clone(), new);
+        }
     }
+    secrets.unguarded.retain(|n| !want.contains(n));
     let before: BTreeSet<String> = relay
         .status
         .as_ref()
@@ -93,20 +101,21 @@ fn pp() -> PatchParams {
 }
 
 /// A JSON patch guarded by the resourceVersion read, so a concurrent change of the
-/// list is never overwritten (the next reconcile tries again).
-async fn add(ctx: &Context, ns: &str, name: &str, resource_version: &str) {
+/// list is never overwritten (the next reconcile tries again). Returns the
+/// Secret's resourceVersion after the patch, if it was applied.
+async fn add(ctx: &Context, ns: &str, name: &str, resource_version: &str) -> Option<String> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let secret = match api_call(api.get_opt(name)).await {
         Ok(Some(s)) => s,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(e) => {
             warn!(secret = name, error = %e, "cannot read a Secret to protect it");
-            return;
+            return None;
         }
     };
     let current = secret.meta().finalizers.clone();
     if current.as_ref().is_some_and(|f| f.iter().any(|f| f == FINALIZER)) {
-        return;
+        return secret.meta().resource_version.clone();
     }
     let rv = secret
         .meta()
@@ -119,8 +128,14 @@ async fn add(ctx: &Context, ns: &str, name: &str, resource_version: &str) {
     };
     let patch = json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}, op]);
     match json_patch(&api, name, patch).await {
-        Ok(()) => debug!(secret = name, "protected"),
-        Err(e) => warn!(secret = name, error = %e, "cannot add the in-use finalizer to a Secret"),
+        Ok(after) => {
+            debug!(secret = name, "protected");
+            after
+        }
+        Err(e) => {
+            warn!(secret = name, error = %e, "cannot add the in-use finalizer to a Secret");
+            None
+        }
     }
 }
 
@@ -145,15 +160,20 @@ async fn remove(ctx: &Context, ns: &str, name: &str) {
     let path = format!("/metadata/finalizers/{i}");
     let patch = json!([{"op": "test", "path": path, "value": FINALIZER}, {"op": "remove", "path": path}]);
     match json_patch(&api, name, patch).await {
-        Ok(()) => debug!(secret = name, "released"),
+        Ok(_) => debug!(secret = name, "released"),
         Err(e) => warn!(secret = name, error = %e, "cannot remove the in-use finalizer from a Secret"),
     }
 }
 
-async fn json_patch(api: &Api<Secret>, name: &str, patch: serde_json::Value) -> Result<(), super::ApiFailure> {
+/// Applies `patch`; returns the Secret's resourceVersion afterwards.
+async fn json_patch(
+    api: &Api<Secret>,
+    name: &str,
+    patch: serde_json::Value,
+) -> Result<Option<String>, super::ApiFailure> {
     let patch: json_patch::Patch =
         serde_json::from_value(patch).map_err(|e| super::ApiFailure::Api(kube::Error::SerdeError(e)))?;
     api_call(api.patch(name, &pp(), &Patch::<()>::Json(patch)))
         .await
-        .map(|_| ())
+        .map(|s| s.metadata.resource_version)
 }

@@ -51,6 +51,15 @@ pub fn free_port() -> Result<u16> {
 /// A plain HTTP/1.0 GET on loopback, enough for probes and `/metrics`: the status
 /// code and the body, or `None` while nothing answers.
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    // Bounded: a connect to an address nobody answers on (a pod that went away)
+    // would otherwise wait for the kernel's SYN retries, about two minutes.
+    tokio::time::timeout(std::time::Duration::from_secs(5), http_get_unbounded(addr, path))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn http_get_unbounded(addr: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
