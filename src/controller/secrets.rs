@@ -68,7 +68,6 @@ pub async fn guard(ctx: &Context, relay: &OutboxRelay, secrets: &mut Dereference
             secrets.secret_versions.insert(name.clone(), new);
         }
     }
-    secrets.unguarded.retain(|n| !want.contains(n));
     let before: BTreeSet<String> = relay
         .status
         .as_ref()
