@@ -34,6 +34,8 @@ pub struct RelayMetrics {
     pub commit_to_ack_seconds: Histogram,
     pub confirmed_lsn: Gauge,
     pub errors: Family<ErrorLabels, Counter>,
+    /// Envelope values replaced or left out while the event went on (by kind).
+    pub envelope_fallbacks: Family<ErrorLabels, Counter>,
     pub active: Gauge,
     pub in_flight: Gauge,
     pub last_event_timestamp_seconds: Gauge,
@@ -51,6 +53,7 @@ impl RelayMetrics {
         let commit_to_ack_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let confirmed_lsn = Gauge::default();
         let errors = Family::<ErrorLabels, Counter>::default();
+        let envelope_fallbacks = Family::<ErrorLabels, Counter>::default();
         let active = Gauge::default();
         let in_flight = Gauge::default();
         let last_event_timestamp_seconds = Gauge::default();
@@ -80,6 +83,11 @@ impl RelayMetrics {
         );
         r.register("errors", "Errors by category", errors.clone());
         r.register(
+            "envelope_fallbacks",
+            "Envelope values (timestamp, partition, traceparent, tracestate) replaced or left out; the event was sent",
+            envelope_fallbacks.clone(),
+        );
+        r.register(
             "active",
             "1 while this worker streams from the slot, 0 as standby",
             active.clone(),
@@ -103,6 +111,7 @@ impl RelayMetrics {
             commit_to_ack_seconds,
             confirmed_lsn,
             errors,
+            envelope_fallbacks,
             active,
             in_flight,
             last_event_timestamp_seconds,
@@ -113,6 +122,10 @@ impl RelayMetrics {
 
     pub fn error(&self, kind: &'static str) {
         self.errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+
+    pub fn envelope_fallback(&self, kind: &'static str) {
+        self.envelope_fallbacks.get_or_create(&ErrorLabels { kind }).inc();
     }
 
     /// The OpenMetrics text exposition.

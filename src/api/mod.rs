@@ -215,8 +215,12 @@ pub struct OutboxSpec {
 }
 
 /// Names of the outbox table's columns.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+// W3C trace context: a tracestate is only meaningful next to the traceparent it
+// belongs to, and receivers drop it when the traceparent is absent or invalid.
+#[x_kube(validation = Rule::new("!has(self.tracestate) || has(self.traceparent)").message("tracestate needs traceparent: a tracestate header is only valid next to the traceparent it belongs to").field_path(".tracestate"))]
+#[x_kube(validation = Rule::new("!has(self.tracestate) || !has(self.traceparent) || self.tracestate != self.traceparent").message("tracestate and traceparent must name different columns").field_path(".tracestate"))]
 pub struct ColumnMapping {
     /// Unique event id; sent as the `id` header (consumers deduplicate on it).
     #[serde(default = "col_id")]
@@ -242,6 +246,53 @@ pub struct ColumnMapping {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub headers: Option<String>,
+    /// Optional column whose value becomes the Kafka record timestamp (`timestamptz`, or
+    /// `timestamp` read as UTC). Without it the record timestamp is the transaction's
+    /// commit time, and so it is for a NULL. An unreadable value (`infinity`, before 1970,
+    /// after 9999) does not hold the event up: the record gets the commit time, and
+    /// `outbox_relay_envelope_fallbacks_total{kind="InvalidTimestamp"}` counts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub timestamp: Option<String>,
+    /// Optional integer column that fixes the record's partition. NULL leaves the
+    /// partition to the key's hash, as without the column. A negative value, or one the
+    /// topic has no partition for, also falls back to the key's hash (the event is not
+    /// held up) and is counted as `kind="InvalidPartition"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub partition: Option<String>,
+    /// Optional text column with a W3C `traceparent`, sent as the `traceparent` header so
+    /// traces continue across the broker. A value that is not
+    /// `version-traceid-parentid-flags` is dropped (with its tracestate) and counted as
+    /// `kind="InvalidTraceparent"`; the event itself is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub traceparent: Option<String>,
+    /// Optional text column with a W3C `tracestate`, sent as the `tracestate` header next
+    /// to a valid traceparent. Longer than 512 characters or not printable ASCII: dropped
+    /// and counted as `kind="InvalidTracestate"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub tracestate: Option<String>,
+    /// Further columns sent as headers, each under its own header name, in each column's
+    /// text form (bytea as its bytes). A NULL value sends no header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("maxItems" = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["header".into()]))]
+    pub header_columns: Vec<HeaderColumn>,
+}
+
+/// One column sent as one record header.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(crate::relay::envelope::RESERVED_HEADERS_CEL).message(crate::relay::envelope::RESERVED_HEADERS_MESSAGE).field_path(".header"))]
+pub struct HeaderColumn {
+    /// Column name.
+    #[schemars(length(min = 1, max = 63))]
+    pub column: String,
+    /// Header name.
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,248}$"))]
+    pub header: String,
 }
 
 fn col_id() -> String {
@@ -269,6 +320,11 @@ impl Default for ColumnMapping {
             event_type: col_type(),
             payload: col_payload(),
             headers: None,
+            timestamp: None,
+            partition: None,
+            traceparent: None,
+            tracestate: None,
+            header_columns: Vec::new(),
         }
     }
 }
@@ -294,6 +350,32 @@ pub struct KafkaSpec {
     /// Client security (TLS, SASL).
     #[serde(default)]
     pub security: KafkaSecurity,
+    /// Send every record as a CloudEvent in binary content mode (the CloudEvents Kafka
+    /// protocol binding): `ce_specversion`, `ce_id`, `ce_source`, `ce_type`, `ce_time`
+    /// and `content-type` headers, the payload as the event's data. Set it (`{}` takes
+    /// the defaults) to turn it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_events: Option<CloudEventsSpec>,
+}
+
+/// CloudEvents attributes that do not come from the row. `ce_id` is the event id,
+/// `ce_type` the event type, `ce_time` the record timestamp in RFC 3339 (UTC); a
+/// NULL id or type leaves that header out.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudEventsSpec {
+    /// `ce_source`, a URI reference naming the producer. Defaults to
+    /// `/outbox/<namespace>/<name>` of this relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^[!-~]+$"))]
+    pub source: Option<String>,
+    /// `content-type` header (the event's `datacontenttype`). Defaults to `application/json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 3, max = 255),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*( *;[ -~]*)?$")
+    )]
+    pub content_type: Option<String>,
 }
 
 /// Topic routing by a column, like Debezium's `route.by.field` and `route.topic.replacement`.

@@ -109,7 +109,10 @@ impl DeliveryErrorKind {
                 Self::UnknownTopic
             }
             Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => Self::NotAuthorized,
-            Some(C::InvalidRecord) => Self::InvalidRecord,
+            // A record timestamp outside the broker's window
+            // (`log.message.timestamp.{before,after}.max.ms`): permanent for this record
+            // until the topic's settings change, so the poison policy takes it.
+            Some(C::InvalidRecord | C::InvalidTimestamp) => Self::InvalidRecord,
             _ => Self::Other,
         }
     }
@@ -315,6 +318,8 @@ mod tests {
         assert_eq!(DeliveryErrorKind::classify(&unknown), DeliveryErrorKind::UnknownTopic);
         let down = KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown);
         assert_eq!(DeliveryErrorKind::classify(&down), DeliveryErrorKind::Other);
+        let stale = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTimestamp);
+        assert_eq!(DeliveryErrorKind::classify(&stale), DeliveryErrorKind::InvalidRecord);
         assert!(!DeliveryErrorKind::Other.is_poison());
         assert!(DeliveryErrorKind::NotAuthorized.is_poison());
     }

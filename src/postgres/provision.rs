@@ -38,6 +38,12 @@ pub struct Prerequisites {
 const PAYLOAD_TYPES: &[&str] = &["json", "jsonb", "text", "varchar", "bytea"];
 /// Types the optional headers column may have (a JSON object, possibly stored as text).
 const HEADERS_TYPES: &[&str] = &["json", "jsonb", "text", "varchar"];
+/// Types the timestamp column may have (`timestamp` is read as UTC).
+const TIMESTAMP_TYPES: &[&str] = &["timestamptz", "timestamp"];
+/// Types the partition column may have.
+const PARTITION_TYPES: &[&str] = &["int2", "int4", "int8"];
+/// Types the trace-context columns may have.
+const TRACE_TYPES: &[&str] = &["text", "varchar"];
 
 /// Checks that the server, the role and the table can feed the relay.
 ///
@@ -207,6 +213,24 @@ async fn check_table(client: &Client, table: &QualifiedTable, columns: &ColumnMa
     if let Some(h) = &columns.headers {
         mapped.push(("headers", h, Some(HEADERS_TYPES)));
     }
+    let optional: [(&'static str, &Option<String>, &'static [&'static str]); 4] = [
+        ("timestamp", &columns.timestamp, TIMESTAMP_TYPES),
+        ("partition", &columns.partition, PARTITION_TYPES),
+        ("traceparent", &columns.traceparent, TRACE_TYPES),
+        ("tracestate", &columns.tracestate, TRACE_TYPES),
+    ];
+    for (field, column, allowed) in optional {
+        if let Some(c) = column {
+            mapped.push((field, c, Some(allowed)));
+        }
+    }
+    // Header columns go out in their text form: any type will do.
+    mapped.extend(
+        columns
+            .header_columns
+            .iter()
+            .map(|h| ("headerColumns", h.column.as_str(), None)),
+    );
     for (field, column, allowed) in mapped {
         let Some(col) = cols.iter().find(|c| c.name == column) else {
             return Err(PgError::ColumnNotFound {

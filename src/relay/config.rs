@@ -9,6 +9,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::core::EventRef;
+use super::envelope::{self, CloudEvents};
 use super::mapping::{Destination, ROUTED_BY_VALUE};
 use super::replication::ReplicationConfig;
 use crate::api::names::{default_publication_name, default_slot_name};
@@ -58,6 +59,8 @@ pub enum ConfigError {
     InvalidSkip(String),
     #[error("spec.kafka.producer.config: {0}")]
     ForbiddenProducerKey(String),
+    #[error("spec.outbox.columns: {0}")]
+    InvalidColumns(String),
 }
 
 impl ConfigError {
@@ -219,6 +222,8 @@ pub struct RelayConfig {
     pub table: QualifiedTable,
     pub columns: ColumnMapping,
     pub destination: Destination,
+    /// CloudEvents binary-mode headers, when `spec.kafka.cloudEvents` is set.
+    pub cloud_events: Option<CloudEvents>,
     pub kafka: KafkaSettings,
     pub max_message_bytes: usize,
     pub poison: PoisonPolicy,
@@ -259,6 +264,7 @@ impl RelayConfig {
         // The API server checks this too (CEL); a spec file never passed it.
         crate::kafka::keys::check(spec.kafka.producer.config.keys().map(String::as_str))
             .map_err(ConfigError::ForbiddenProducerKey)?;
+        check_envelope_columns(&spec.outbox.columns).map_err(ConfigError::InvalidColumns)?;
         // One set of connection settings; the replication connection derives from it.
         let sql = PgConnectConfig::from_spec(
             &spec.database,
@@ -290,6 +296,11 @@ impl RelayConfig {
             table,
             columns: spec.outbox.columns.clone(),
             destination,
+            cloud_events: spec
+                .kafka
+                .cloud_events
+                .as_ref()
+                .map(|c| CloudEvents::new(namespace, name, c.source.as_deref(), c.content_type.as_deref())),
             kafka: KafkaSettings {
                 bootstrap_servers: spec.kafka.bootstrap_servers.clone(),
                 compression: p.compression,
@@ -320,6 +331,33 @@ impl RelayConfig {
         };
         Ok(self)
     }
+}
+
+/// The envelope column rules the API server checks (CEL, list keys), again for
+/// spec files, which never passed it.
+fn check_envelope_columns(c: &ColumnMapping) -> Result<(), String> {
+    if c.tracestate.is_some() && c.traceparent.is_none() {
+        return Err(
+            "tracestate needs traceparent: a tracestate header is only valid next to the traceparent it belongs to"
+                .into(),
+        );
+    }
+    if c.tracestate.is_some() && c.tracestate == c.traceparent {
+        return Err("tracestate and traceparent must name different columns".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for h in &c.header_columns {
+        if let Some(why) = envelope::reserved_header(&h.header) {
+            return Err(format!(
+                "headerColumns: header {:?} (column {:?}) is reserved: {why}; pick another header name",
+                h.header, h.column
+            ));
+        }
+        if !seen.insert(h.header.as_str()) {
+            return Err(format!("headerColumns: header {:?} is listed twice", h.header));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -399,6 +437,54 @@ mod tests {
             .insert("delivery.timeout.ms".into(), "5000".into());
         let e = RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err();
         assert!(e.to_string().contains("alias of message.timeout.ms"), "{e}");
+    }
+
+    #[test]
+    fn envelope_options_resolve_and_bad_combinations_are_named() {
+        let c = RelayConfig::from_spec("shop", "orders", &spec(), &creds()).unwrap();
+        assert_eq!(c.cloud_events, None, "off unless set");
+        let mut s = spec();
+        s.kafka.cloud_events = Some(CloudEventsSpec::default());
+        let c = RelayConfig::from_spec("shop", "orders", &s, &creds()).unwrap();
+        let ce = c.cloud_events.expect("on");
+        assert_eq!(&ce.source[..], b"/outbox/shop/orders");
+        assert_eq!(&ce.content_type[..], b"application/json");
+
+        fn header(column: &str, header: &str) -> HeaderColumn {
+            HeaderColumn {
+                column: column.into(),
+                header: header.into(),
+            }
+        }
+        type Change = fn(&mut ColumnMapping);
+        let cases: Vec<(Change, &str)> = vec![
+            (|c| c.tracestate = Some("ts".into()), "tracestate needs traceparent"),
+            (
+                |c| {
+                    c.traceparent = Some("tp".into());
+                    c.tracestate = Some("tp".into());
+                },
+                "different columns",
+            ),
+            (|c| c.header_columns = vec![header("a", "ce_id")], "is reserved"),
+            (|c| c.header_columns = vec![header("a", "traceparent")], "is reserved"),
+            (
+                |c| c.header_columns = vec![header("a", "x"), header("b", "x")],
+                "listed twice",
+            ),
+        ];
+        for (change, expect) in cases {
+            let mut s = spec();
+            change(&mut s.outbox.columns);
+            let e = RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err();
+            assert!(matches!(e, ConfigError::InvalidColumns(_)), "{e}");
+            assert!(e.to_string().contains(expect), "{e}");
+        }
+        let mut s = spec();
+        s.outbox.columns.traceparent = Some("tp".into());
+        s.outbox.columns.tracestate = Some("ts".into());
+        s.outbox.columns.header_columns = vec![header("tenant", "x-tenant")];
+        assert!(RelayConfig::from_spec("a", "b", &s, &creds()).is_ok());
     }
 
     #[test]

@@ -23,6 +23,8 @@ fn record(id: &str, key: &str, payload: usize) -> OutboxRecord {
         event_id: Some(Bytes::copy_from_slice(id.as_bytes())),
         event_type: Some(Bytes::from_static(b"Created")),
         extra_headers: vec![("trace".into(), Bytes::from_static(b"t1"))],
+        timestamp: PgTimestamp(0),
+        partition: None,
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! pgoutput (protocol 1, text mode) sends every column in its type's text form:
 //! json, jsonb, text and varchar are the stored text already; bytea arrives as
-//! `\x` + hex and is decoded back to the stored bytes.
+//! `\x` + hex and is decoded back to the stored bytes. The envelope options
+//! (timestamp, partition, trace context, CloudEvents, header columns) are read
+//! here too, through the pure helpers of [`super::envelope`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 
-use super::pgoutput::{ColumnValue, Relation, TupleData};
+use super::envelope::{self, CloudEvents, Fallback};
+use super::pgoutput::{ColumnValue, PgTimestamp, Relation, TupleData};
 use crate::api::ColumnMapping;
 
 /// PostgreSQL type oid of `bytea`.
@@ -69,7 +72,13 @@ pub struct OutboxRecord {
     pub payload: Option<Bytes>,
     pub event_id: Option<Bytes>,
     pub event_type: Option<Bytes>,
+    /// Headers after `id` and `type`: CloudEvents, trace context, header columns,
+    /// then the headers column's entries.
     pub extra_headers: Vec<(String, Bytes)>,
+    /// The record timestamp: the commit time, or the timestamp column's value.
+    pub timestamp: PgTimestamp,
+    /// The partition the partition column asks for; `None`: the key's hash decides.
+    pub partition: Option<i32>,
 }
 
 impl OutboxRecord {
@@ -91,6 +100,13 @@ impl OutboxRecord {
     }
 }
 
+/// A mapped row, and the envelope values that had to be replaced or left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    pub record: OutboxRecord,
+    pub fallbacks: Vec<Fallback>,
+}
+
 /// Column positions of the outbox table, resolved from a Relation message.
 /// Relation messages are re-sent after every schema change, so this is rebuilt
 /// whenever one arrives; the positions are then used for every row.
@@ -102,6 +118,13 @@ pub struct Mapper {
     payload: usize,
     payload_is_bytea: bool,
     headers: Option<usize>,
+    timestamp: Option<usize>,
+    partition: Option<usize>,
+    traceparent: Option<usize>,
+    tracestate: Option<usize>,
+    /// Position, header name, and whether the column is bytea (sent as its bytes).
+    header_columns: Vec<(usize, String, bool)>,
+    cloud_events: Option<CloudEvents>,
     route: Route,
     topics: HashMap<Bytes, Arc<str>>,
 }
@@ -117,7 +140,12 @@ enum Route {
 }
 
 impl Mapper {
-    pub fn new(relation: &Relation, columns: &ColumnMapping, destination: &Destination) -> Result<Self, MappingError> {
+    pub fn new(
+        relation: &Relation,
+        columns: &ColumnMapping,
+        destination: &Destination,
+        cloud_events: Option<&CloudEvents>,
+    ) -> Result<Self, MappingError> {
         let find = |name: &str| {
             relation
                 .columns
@@ -143,6 +171,14 @@ impl Mapper {
             },
             Destination::Static(t) => Route::Static(Arc::from(t.as_str())),
         };
+        let header_columns = columns
+            .header_columns
+            .iter()
+            .map(|h| {
+                let i = find(&h.column)?;
+                Ok((i, h.header.clone(), relation.columns[i].type_oid == BYTEA_OID))
+            })
+            .collect::<Result<Vec<_>, MappingError>>()?;
         Ok(Self {
             id: find(&columns.id)?,
             aggregate_id: find(&columns.aggregate_id)?,
@@ -150,13 +186,19 @@ impl Mapper {
             payload,
             payload_is_bytea: relation.columns[payload].type_oid == BYTEA_OID,
             headers: columns.headers.as_deref().map(find).transpose()?,
+            timestamp: columns.timestamp.as_deref().map(find).transpose()?,
+            partition: columns.partition.as_deref().map(find).transpose()?,
+            traceparent: columns.traceparent.as_deref().map(find).transpose()?,
+            tracestate: columns.tracestate.as_deref().map(find).transpose()?,
+            header_columns,
+            cloud_events: cloud_events.cloned(),
             route,
             topics: HashMap::new(),
         })
     }
 
-    /// Maps one inserted row.
-    pub fn map(&mut self, row: &TupleData) -> Result<OutboxRecord, MappingError> {
+    /// Maps one inserted row of a transaction committed at `commit_time`.
+    pub fn map(&mut self, row: &TupleData, commit_time: PgTimestamp) -> Result<Mapped, MappingError> {
         let event_id = value(row, self.id, "id", None)?;
         let id_for_errors = || {
             event_id
@@ -174,7 +216,7 @@ impl Mapper {
                 event_id: id_for_errors(),
             })?);
         }
-        let extra_headers = match self.headers {
+        let json_headers = match self.headers {
             Some(i) => match value(row, i, "headers", Some(&id_for_errors))? {
                 Some(raw) => parse_headers(&raw).map_err(|reason| MappingError::InvalidHeaders {
                     event_id: id_for_errors(),
@@ -184,6 +226,39 @@ impl Mapper {
             },
             None => Vec::new(),
         };
+        let mut fallbacks = Vec::new();
+        let timestamp = match self.timestamp {
+            Some(i) => {
+                let text = value(row, i, "timestamp", Some(&id_for_errors))?;
+                let (t, fallback) = envelope::record_time(text.as_deref(), commit_time);
+                fallbacks.extend(fallback);
+                t
+            }
+            None => commit_time,
+        };
+        let partition = match self.partition {
+            Some(i) => match value(row, i, "partition", Some(&id_for_errors))? {
+                Some(text) => envelope::parse_partition(&text).map_err(|f| fallbacks.push(f)).ok(),
+                None => None,
+            },
+            None => None,
+        };
+        let mut extra_headers = Vec::new();
+        if let Some(ce) = &self.cloud_events {
+            ce.headers(event_id.as_ref(), event_type.as_ref(), timestamp, &mut extra_headers);
+        }
+        self.trace_headers(row, &id_for_errors, &mut extra_headers, &mut fallbacks)?;
+        for (i, header, is_bytea) in &self.header_columns {
+            if let Some(mut v) = value(row, *i, header, Some(&id_for_errors))? {
+                if *is_bytea {
+                    v = decode_bytea(&v).ok_or_else(|| MappingError::InvalidBytea {
+                        event_id: id_for_errors(),
+                    })?;
+                }
+                extra_headers.push((header.clone(), v));
+            }
+        }
+        extra_headers.extend(json_headers);
         let topic = match &self.route {
             Route::Static(t) => t.clone(),
             Route::Column { index, column, .. } => {
@@ -199,14 +274,61 @@ impl Mapper {
                 })?
             }
         };
-        Ok(OutboxRecord {
-            topic,
-            key,
-            payload,
-            event_id,
-            event_type,
-            extra_headers,
+        Ok(Mapped {
+            record: OutboxRecord {
+                topic,
+                key,
+                payload,
+                event_id,
+                event_type,
+                extra_headers,
+                timestamp,
+                partition,
+            },
+            fallbacks,
         })
+    }
+
+    /// `traceparent` and `tracestate` from their columns, each only when valid; a
+    /// tracestate goes only with a valid traceparent (W3C: without one it means nothing).
+    fn trace_headers(
+        &self,
+        row: &TupleData,
+        id_for_errors: &dyn Fn() -> String,
+        out: &mut Vec<(String, Bytes)>,
+        fallbacks: &mut Vec<Fallback>,
+    ) -> Result<(), MappingError> {
+        let Some(i) = self.traceparent else {
+            return Ok(());
+        };
+        let Some(parent) = value(row, i, envelope::TRACEPARENT, Some(id_for_errors))? else {
+            return Ok(());
+        };
+        if !envelope::valid_traceparent(&parent) {
+            fallbacks.push(Fallback {
+                kind: envelope::kinds::INVALID_TRACEPARENT,
+                reason: format!(
+                    "traceparent {:?} is not version-traceid-parentid-flags; the traceparent and tracestate headers are left out",
+                    String::from_utf8_lossy(&parent)
+                ),
+            });
+            return Ok(());
+        }
+        out.push((envelope::TRACEPARENT.into(), parent));
+        if let Some(j) = self.tracestate
+            && let Some(state) = value(row, j, envelope::TRACESTATE, Some(id_for_errors))?
+        {
+            if envelope::valid_tracestate(&state) {
+                out.push((envelope::TRACESTATE.into(), state));
+            } else {
+                fallbacks.push(Fallback {
+                    kind: envelope::kinds::INVALID_TRACESTATE,
+                    reason: "tracestate is longer than 512 characters or not printable ASCII; the header is left out"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn routed_topic(&mut self, value: Bytes) -> Result<Arc<str>, String> {
@@ -292,207 +414,5 @@ fn parse_headers(raw: &[u8]) -> Result<Vec<(String, Bytes)>, String> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::relay::pgoutput::{RelationColumn, ReplicaIdentity};
-
-    pub fn relation(cols: &[(&str, u32)]) -> Relation {
-        Relation {
-            id: 1,
-            namespace: "public".into(),
-            name: "outbox".into(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: cols
-                .iter()
-                .map(|(n, t)| RelationColumn {
-                    flags: 0,
-                    name: (*n).into(),
-                    type_oid: *t,
-                    type_modifier: -1,
-                })
-                .collect(),
-        }
-    }
-
-    fn debezium_relation(payload_oid: u32) -> Relation {
-        relation(&[
-            ("id", 2950),
-            ("aggregatetype", 25),
-            ("aggregateid", 25),
-            ("type", 25),
-            ("payload", payload_oid),
-            ("headers", 3802),
-        ])
-    }
-
-    /// A mapper for the Debezium table with default columns and one static topic.
-    fn static_mapper(payload_oid: u32, topic: &str) -> Mapper {
-        Mapper::new(
-            &debezium_relation(payload_oid),
-            &ColumnMapping::default(),
-            &Destination::Static(topic.into()),
-        )
-        .unwrap()
-    }
-
-    fn row(values: &[Option<&str>]) -> TupleData {
-        TupleData {
-            columns: values
-                .iter()
-                .map(|v| match v {
-                    Some(s) => ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes())),
-                    None => ColumnValue::Null,
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn maps_debezium_columns_to_a_record() {
-        let mut m = static_mapper(3802, "orders");
-        let r = m
-            .map(&row(&[
-                Some("e1"),
-                Some("Order"),
-                Some("o-42"),
-                Some("OrderCreated"),
-                Some(r#"{"a":1}"#),
-                None,
-            ]))
-            .unwrap();
-        assert_eq!(&*r.topic, "orders");
-        assert_eq!(r.key.as_deref(), Some(&b"o-42"[..]));
-        assert_eq!(r.payload.as_deref(), Some(&br#"{"a":1}"#[..]));
-        assert_eq!(r.event_id.as_deref(), Some(&b"e1"[..]));
-        assert_eq!(r.event_type.as_deref(), Some(&b"OrderCreated"[..]));
-        assert!(
-            r.extra_headers.is_empty(),
-            "headers column not mapped unless configured"
-        );
-    }
-
-    #[test]
-    fn routes_by_column_through_the_template() {
-        let dest = Destination::Routed {
-            column: "aggregatetype".into(),
-            template: "outbox.event.${routedByValue}".into(),
-        };
-        let mut m = Mapper::new(&debezium_relation(25), &ColumnMapping::default(), &dest).unwrap();
-        let r = m
-            .map(&row(&[
-                Some("e1"),
-                Some("Order"),
-                Some("k"),
-                Some("t"),
-                Some("p"),
-                None,
-            ]))
-            .unwrap();
-        assert_eq!(&*r.topic, "outbox.event.Order");
-        let again = m
-            .map(&row(&[
-                Some("e2"),
-                Some("Order"),
-                Some("k"),
-                Some("t"),
-                Some("p"),
-                None,
-            ]))
-            .unwrap();
-        assert!(Arc::ptr_eq(&r.topic, &again.topic), "topic strings are cached");
-        let bad = m.map(&row(&[
-            Some("e3"),
-            Some("Or der"),
-            Some("k"),
-            Some("t"),
-            Some("p"),
-            None,
-        ]));
-        assert!(matches!(bad, Err(MappingError::InvalidTopic { .. })), "{bad:?}");
-        let null = m.map(&row(&[Some("e4"), None, Some("k"), Some("t"), Some("p"), None]));
-        assert!(matches!(null, Err(MappingError::NullRoute { .. })));
-    }
-
-    #[test]
-    fn bytea_payload_is_decoded() {
-        let mut m = static_mapper(BYTEA_OID, "t");
-        let r = m
-            .map(&row(&[
-                Some("e"),
-                Some("A"),
-                Some("k"),
-                Some("t"),
-                Some("\\x00ff10"),
-                None,
-            ]))
-            .unwrap();
-        assert_eq!(r.payload.as_deref(), Some(&[0u8, 0xff, 0x10][..]));
-        let bad = m.map(&row(&[Some("e"), Some("A"), Some("k"), Some("t"), Some("\\x0"), None]));
-        assert!(matches!(bad, Err(MappingError::InvalidBytea { .. })));
-    }
-
-    #[test]
-    fn headers_column_becomes_headers() {
-        let cols = ColumnMapping {
-            headers: Some("headers".into()),
-            ..ColumnMapping::default()
-        };
-        let mut m = Mapper::new(&debezium_relation(25), &cols, &Destination::Static("t".into())).unwrap();
-        let r = m
-            .map(&row(&[
-                Some("e"),
-                Some("A"),
-                Some("k"),
-                Some("t"),
-                Some("p"),
-                Some(r#"{"trace":"abc","n":3}"#),
-            ]))
-            .unwrap();
-        assert_eq!(
-            r.extra_headers,
-            vec![
-                ("n".to_string(), Bytes::from("3")),
-                ("trace".to_string(), Bytes::from("abc"))
-            ]
-        );
-        let bad = m.map(&row(&[
-            Some("e"),
-            Some("A"),
-            Some("k"),
-            Some("t"),
-            Some("p"),
-            Some("[1]"),
-        ]));
-        assert!(matches!(bad, Err(MappingError::InvalidHeaders { .. })));
-    }
-
-    #[test]
-    fn null_payload_is_a_tombstone_and_null_key_is_unkeyed() {
-        let mut m = static_mapper(25, "t");
-        let r = m
-            .map(&row(&[Some("e"), Some("A"), None, Some("t"), None, None]))
-            .unwrap();
-        assert_eq!(r.payload, None);
-        assert_eq!(r.key, None);
-    }
-
-    #[test]
-    fn missing_column_names_the_column_and_the_alternatives() {
-        let cols = ColumnMapping {
-            payload: "body".into(),
-            ..ColumnMapping::default()
-        };
-        let err = Mapper::new(&debezium_relation(25), &cols, &Destination::Static("t".into())).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("\"body\"") && msg.contains("payload"), "{msg}");
-    }
-
-    #[test]
-    fn topic_validation() {
-        assert!(valid_topic("a.b-c_D9"));
-        assert!(!valid_topic(""));
-        assert!(!valid_topic(".."));
-        assert!(!valid_topic("a/b"));
-        assert!(!valid_topic(&"a".repeat(250)));
-    }
-}
+#[path = "mapping_tests.rs"]
+pub(crate) mod tests;

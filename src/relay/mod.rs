@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod core;
+pub mod envelope;
 pub mod error;
 pub mod lsn;
 pub mod mapping;

@@ -424,7 +424,8 @@ impl ReplicationConnection {
     async fn startup(&mut self, config: &ReplicationConfig) -> Result<()> {
         // client_encoding matters beyond queries: pgoutput converts names and
         // text values to it, so UTF8 is what the decoder can rely on.
-        // DateStyle ISO makes date/time values unambiguous.
+        // DateStyle ISO makes date/time values unambiguous, and TimeZone UTC gives
+        // every timestamptz one offset (the timestamp column's parser takes any).
         let params = [
             ("user", config.user.as_str()),
             ("database", config.dbname.as_str()),
@@ -432,6 +433,7 @@ impl ReplicationConnection {
             ("application_name", config.application_name.as_str()),
             ("client_encoding", "UTF8"),
             ("DateStyle", "ISO"),
+            ("TimeZone", "UTC"),
         ];
         self.wbuf.clear();
         frontend::startup_message(params.iter().copied(), &mut self.wbuf)

@@ -27,8 +27,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rdkafka::config::FromClientConfigAndContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -36,9 +34,9 @@ use tracing::{debug, info, warn};
 use super::config::RelayConfig;
 use super::core::{self, Action, CoreConfig, CoreError, DeliveryCore, Input, Row};
 use super::lsn::Lsn;
-use super::mapping::{Mapper, OutboxRecord};
+use super::mapping::Mapper;
 use super::park::Parker;
-use super::pgoutput::{self, PgOutputMessage, TupleData};
+use super::pgoutput::{self, PgOutputMessage, PgTimestamp, TupleData};
 use super::replication::{ReplicationConnection, ReplicationMessage, ReplicationReader, ReplicationWriter};
 use super::state::{Phase, RelayState};
 use crate::kafka::{self, BrokerHealth, DeliveryErrorKind, DeliveryReport, RelayProducerContext};
@@ -46,6 +44,11 @@ use crate::metrics::{OutcomeLabels, RelayMetrics};
 
 pub use super::core::headers;
 pub use super::error::RelayError;
+
+// The sending half (checks before sending, building the Kafka record) lives in a
+// file of its own; it is still this session's code.
+#[path = "session_send.rs"]
+mod send;
 
 /// How a session that did not fail ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -119,6 +122,7 @@ pub async fn run(
         spare: Vec::new(),
         parker,
         mapper: None,
+        commit_time: PgTimestamp(0),
         outbox_relation: None,
         outbox_columns: Vec::new(),
         topics: super::topics::TopicChecks::default(),
@@ -174,6 +178,8 @@ struct Session<'a> {
     actions: Vec<Action>,
     parker: Parker,
     mapper: Option<Mapper>,
+    /// Commit time of the transaction being read (from its Begin).
+    commit_time: PgTimestamp,
     outbox_relation: Option<u32>,
     outbox_columns: Vec<String>,
     topics: super::topics::TopicChecks,
@@ -305,6 +311,7 @@ impl Session<'_> {
     async fn on_wal(&mut self, data: Bytes) -> Result<(), RelayError> {
         match pgoutput::decode(&data)? {
             PgOutputMessage::Begin(b) => {
+                self.commit_time = b.commit_time;
                 self.feed(Input::Begin {
                     commit_lsn: b.final_lsn,
                     commit_time: b.commit_time,
@@ -312,8 +319,15 @@ impl Session<'_> {
                 .await?;
             }
             PgOutputMessage::Relation(r) if r.namespace == self.cfg.table.schema && r.name == self.cfg.table.name => {
-                self.mapper =
-                    Some(Mapper::new(&r, &self.cfg.columns, &self.cfg.destination).map_err(RelayError::Mapping)?);
+                self.mapper = Some(
+                    Mapper::new(
+                        &r,
+                        &self.cfg.columns,
+                        &self.cfg.destination,
+                        self.cfg.cloud_events.as_ref(),
+                    )
+                    .map_err(RelayError::Mapping)?,
+                );
                 self.outbox_relation = Some(r.id);
                 self.outbox_columns = r.columns.iter().map(|c| c.name.clone()).collect();
             }
@@ -322,8 +336,13 @@ impl Session<'_> {
                     .mapper
                     .as_mut()
                     .ok_or(CoreError::Protocol("insert before the table's relation message"))?;
-                let row = match mapper.map(&i.new) {
-                    Ok(record) => self.checked(record).await,
+                let row = match mapper.map(&i.new, self.commit_time) {
+                    Ok(mapped) => {
+                        for f in &mapped.fallbacks {
+                            self.fell_back(&mapped.record, f);
+                        }
+                        self.checked(mapped.record).await
+                    }
                     Err(e) => {
                         let (event_id, row) = self.raw_row(&i.new);
                         Row::Unmapped {
@@ -348,15 +367,6 @@ impl Session<'_> {
             _ => {}
         }
         Ok(())
-    }
-
-    /// The check before sending: whether the record's topic exists and may be
-    /// written, from the producer's metadata, once per topic and session.
-    async fn checked(&mut self, record: OutboxRecord) -> Row {
-        match self.topics.check(&self.producer, &record.topic).await {
-            None => Row::Event(record),
-            Some((kind, reason)) => Row::Refused { record, kind, reason },
-        }
     }
 
     /// A row that could not be mapped: its event id and every column's text form.
@@ -513,61 +523,6 @@ impl Session<'_> {
                     reason: s.reason,
                 });
                 Ok(None)
-            }
-        }
-    }
-
-    /// Sends one record; an immediate refusal comes back as an input for the core.
-    async fn produce(&mut self, tag: usize, r: &OutboxRecord) -> Result<Option<Input>, RelayError> {
-        let mut h = OwnedHeaders::new_with_capacity(2 + r.extra_headers.len());
-        if let Some(id) = &r.event_id {
-            h = h.insert(Header {
-                key: headers::ID,
-                value: Some(&id[..]),
-            });
-        }
-        if let Some(t) = &r.event_type {
-            h = h.insert(Header {
-                key: headers::TYPE,
-                value: Some(&t[..]),
-            });
-        }
-        for (k, v) in &r.extra_headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(&v[..]),
-            });
-        }
-        let mut record = BaseRecord::with_opaque_to(&r.topic, tag).headers(h);
-        if let Some(k) = &r.key {
-            record = record.key(&k[..]);
-        }
-        if let Some(p) = &r.payload {
-            record = record.payload(&p[..]);
-        }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(None),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // The in-flight bound sits below librdkafka's queue size, so
-                    // this is rare; wait for deliveries to make room.
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => {
-                    let kind = DeliveryErrorKind::classify(&e);
-                    if !kind.is_poison() {
-                        // The producer's state is suspect: a new session starts over.
-                        self.metrics.error(kind.category());
-                        return Err(RelayError::Delivery(e.to_string()));
-                    }
-                    return Ok(Some(Input::Refused {
-                        tag,
-                        kind: kind.category(),
-                        reason: e.to_string(),
-                        record: core::failed_record(r),
-                    }));
-                }
             }
         }
     }

@@ -1,6 +1,8 @@
 //! The check before sending: whether a record's topic exists and may be
 //! written, from the producer's metadata, once per topic and session, so under
 //! `Stop` such a refusal stops the relay before anything after the event is sent.
+//! The same lookup gives the topic's partition count, which a fixed partition (the
+//! partition column) is checked against.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,9 +23,12 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 /// or times out lets the record go, and the broker's own answer decides.
 #[derive(Default)]
 pub(super) struct TopicChecks {
-    /// The last topic found fine: the common case (one static topic) is a pointer compare.
-    last_ok: Option<Arc<str>>,
-    ok: HashMap<Arc<str>, ()>,
+    /// The last topic found fine and its partition count: the common case (one
+    /// static topic) is a pointer compare.
+    last_ok: Option<(Arc<str>, usize)>,
+    /// Topics found fine, with their partition counts as read once per session
+    /// (0: the lookup listed none, e.g. on a transient error).
+    ok: HashMap<Arc<str>, usize>,
 }
 
 impl TopicChecks {
@@ -32,22 +37,27 @@ impl TopicChecks {
         producer: &Arc<Producer_>,
         topic: &Arc<str>,
     ) -> Option<(&'static str, String)> {
-        if self.last_ok.as_ref().is_some_and(|t| Arc::ptr_eq(t, topic)) || self.ok.contains_key(topic) {
-            self.last_ok = Some(topic.clone());
+        if self.last_ok.as_ref().is_some_and(|(t, _)| Arc::ptr_eq(t, topic)) {
+            return None;
+        }
+        if let Some(n) = self.ok.get(topic) {
+            self.last_ok = Some((topic.clone(), *n));
             return None;
         }
         let p = producer.clone();
         let name = topic.to_string();
         // librdkafka's metadata call blocks; keep it off the async threads.
         let answer = tokio::task::spawn_blocking(move || {
-            p.client()
-                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
-                .map(|m| m.topics().first().and_then(|t| t.error()))
+            p.client().fetch_metadata(Some(&name), METADATA_TIMEOUT).map(|m| {
+                m.topics()
+                    .first()
+                    .map_or((None, 0), |t| (t.error(), t.partitions().len()))
+            })
         })
         .await;
-        let refusal = match answer {
-            Ok(Ok(None)) => None,
-            Ok(Ok(Some(code))) => topic_refusal(topic, RDKafkaErrorCode::from(code)),
+        let (refusal, partitions) = match answer {
+            Ok(Ok((None, n))) => (None, n),
+            Ok(Ok((Some(code), _))) => (topic_refusal(topic, RDKafkaErrorCode::from(code)), 0),
             Ok(Err(e)) => {
                 debug!(%topic, error = %e, "topic metadata lookup failed; sending unchecked");
                 return None;
@@ -58,10 +68,20 @@ impl TopicChecks {
             if self.ok.len() >= 10_000 {
                 self.ok.clear();
             }
-            self.ok.insert(topic.clone(), ());
-            self.last_ok = Some(topic.clone());
+            self.ok.insert(topic.clone(), partitions);
+            self.last_ok = Some((topic.clone(), partitions));
         }
         refusal
+    }
+
+    /// The partition count of a topic [`Self::check`] found fine; `None` when the
+    /// lookup gave no count.
+    pub(super) fn partitions(&self, topic: &Arc<str>) -> Option<usize> {
+        let n = match &self.last_ok {
+            Some((t, n)) if Arc::ptr_eq(t, topic) => Some(*n),
+            _ => self.ok.get(topic).copied(),
+        };
+        n.filter(|n| *n > 0)
     }
 }
 
