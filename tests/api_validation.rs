@@ -238,7 +238,62 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
             with(v(), "spec.kafka.producer.compression", json!("brotli")),
             "spec.kafka.producer.compression",
         ),
+        (
+            "tracestate without traceparent",
+            with(v(), "spec.outbox.columns.tracestate", json!("ts")),
+            "tracestate needs traceparent",
+        ),
+        (
+            "tracestate and traceparent from one column",
+            with(
+                with(v(), "spec.outbox.columns.tracestate", json!("trace")),
+                "spec.outbox.columns.traceparent",
+                json!("trace"),
+            ),
+            "tracestate and traceparent must name different columns",
+        ),
+        (
+            "header column under a reserved name",
+            with(
+                v(),
+                "spec.outbox.columns.headerColumns",
+                json!([{"column": "tenant", "header": "ce_tenant"}]),
+            ),
+            "header is reserved",
+        ),
+        (
+            "two header columns under one name",
+            with(
+                v(),
+                "spec.outbox.columns.headerColumns",
+                json!([{"column": "a", "header": "x"}, {"column": "b", "header": "x"}]),
+            ),
+            "spec.outbox.columns.headerColumns[1]: Duplicate value",
+        ),
+        (
+            "content type that is not one",
+            with(v(), "spec.kafka.cloudEvents", json!({"contentType": "json"})),
+            "spec.kafka.cloudEvents.contentType",
+        ),
     ]
+}
+
+/// Every envelope option at once, as a user would write them.
+fn with_envelope(obj: Value) -> Value {
+    let obj = with(
+        obj,
+        "spec.kafka.cloudEvents",
+        json!({"source": "urn:shop:orders", "contentType": "application/json; charset=utf-8"}),
+    );
+    with(
+        obj,
+        "spec.outbox.columns",
+        json!({
+            "timestamp": "occurred_at", "partition": "shard",
+            "traceparent": "traceparent", "tracestate": "tracestate",
+            "headerColumns": [{"column": "tenant", "header": "x-tenant"}, {"column": "region", "header": "x-region"}]
+        }),
+    )
 }
 
 #[tokio::test]
@@ -260,6 +315,9 @@ async fn invalid_resources_are_refused_naming_the_field() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    create(&api, with_envelope(valid("envelope")))
+        .await
+        .expect("every envelope option together is accepted");
 }
 
 /// A field a relay is created with: (path, value).

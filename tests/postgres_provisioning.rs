@@ -208,6 +208,7 @@ async fn quoted_mixed_case_and_hostile_names_work() {
         event_type: "type".into(),
         payload: "Payload \"Data\"".into(),
         headers: Some("hdrs".into()),
+        ..ColumnMapping::default()
     };
     db.client
         .batch_execute(&format!(
@@ -305,6 +306,71 @@ async fn missing_table_is_reported() {
     .expect_err("a view is not a table");
     assert!(matches!(err, PgError::NotATable { kind: "view", .. }), "{err:?}");
     assert_eq!(err.category(), "TableNotFound");
+}
+
+#[tokio::test]
+async fn envelope_columns_are_checked_for_existence_and_type() {
+    let db = TestDb::with_outbox("prov-envelope").await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE public.outbox ADD COLUMN shard int4, ADD COLUMN traceparent text, ADD COLUMN tenant uuid",
+        )
+        .await
+        .expect("alter");
+    let good = ColumnMapping {
+        // created_at (timestamptz) is in the test bed's outbox table.
+        timestamp: Some("created_at".into()),
+        partition: Some("shard".into()),
+        traceparent: Some("traceparent".into()),
+        header_columns: vec![outbox_operator::api::HeaderColumn {
+            column: "tenant".into(),
+            header: "x-tenant".into(),
+        }],
+        ..ColumnMapping::default()
+    };
+    check_prerequisites(&db.client, &outbox(), &good, &db.slot)
+        .await
+        .expect("envelope columns of usable types");
+
+    let text_partition = ColumnMapping {
+        partition: Some("traceparent".into()),
+        ..ColumnMapping::default()
+    };
+    let err = check_prerequisites(&db.client, &outbox(), &text_partition, &db.slot)
+        .await
+        .expect_err("a text partition column");
+    assert!(
+        matches!(err, PgError::UnsupportedColumnType { field: "partition", .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("int2, int4, int8"), "{err}");
+
+    let integer_timestamp = ColumnMapping {
+        timestamp: Some("shard".into()),
+        ..ColumnMapping::default()
+    };
+    let err = check_prerequisites(&db.client, &outbox(), &integer_timestamp, &db.slot)
+        .await
+        .expect_err("an integer timestamp column");
+    assert!(
+        matches!(err, PgError::UnsupportedColumnType { field: "timestamp", .. }),
+        "{err:?}"
+    );
+
+    let missing_header = ColumnMapping {
+        header_columns: vec![outbox_operator::api::HeaderColumn {
+            column: "region".into(),
+            header: "x-region".into(),
+        }],
+        ..ColumnMapping::default()
+    };
+    let err = check_prerequisites(&db.client, &outbox(), &missing_header, &db.slot)
+        .await
+        .expect_err("a missing header column");
+    assert!(
+        matches!(err, PgError::ColumnNotFound { field: "headerColumns", ref column, .. } if column == "region"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

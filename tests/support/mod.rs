@@ -245,6 +245,8 @@ pub struct Consumed {
     pub payload: Option<Vec<u8>>,
     pub partition: i32,
     pub offset: i64,
+    /// The record timestamp in milliseconds since 1970, if it has one.
+    pub timestamp: Option<i64>,
 }
 
 impl Consumed {
@@ -318,6 +320,7 @@ pub fn consume(
                     payload: m.payload().map(<[u8]>::to_vec),
                     partition: m.partition(),
                     offset: m.offset(),
+                    timestamp: m.timestamp().to_millis(),
                 });
             }
             Some(Err(e)) => panic!("consuming {topic}: {e}"),
