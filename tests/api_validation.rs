@@ -262,6 +262,15 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
             "header is reserved",
         ),
         (
+            "header column under a reserved name in capitals",
+            with(
+                v(),
+                "spec.outbox.columns.headerColumns",
+                json!([{"column": "ct", "header": "Content-Type"}]),
+            ),
+            "header is reserved",
+        ),
+        (
             "two header columns under one name",
             with(
                 v(),

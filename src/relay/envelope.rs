@@ -33,11 +33,15 @@ pub const TRACESTATE: &str = "tracestate";
 /// (or will once an option is turned on), and two headers under one name leave the
 /// consumer guessing which one counts. Checked by the API server (this rule) and by
 /// the worker ([`reserved_header`]) for spec files.
-pub const RESERVED_HEADERS_CEL: &str = "!(self.header in ['id', 'type', 'traceparent', 'tracestate', 'content-type']) && !self.header.startsWith('ce_') && !self.header.startsWith('outbox-')";
+/// Case-insensitive: consumers that read headers the HTTP way (CloudEvents SDKs among
+/// them) would take `Content-Type` for `content-type`.
+pub const RESERVED_HEADERS_CEL: &str = "!(self.header.lowerAscii() in ['id', 'type', 'traceparent', 'tracestate', 'content-type']) && !self.header.lowerAscii().startsWith('ce_') && !self.header.lowerAscii().startsWith('outbox-')";
 pub const RESERVED_HEADERS_MESSAGE: &str = "header is reserved: the relay itself writes id, type, traceparent, tracestate, content-type, ce_* and outbox-* headers; pick another header name";
 
 /// Why a header name may not be used for a header column, if it may not.
 pub fn reserved_header(name: &str) -> Option<&'static str> {
+    let name = name.to_ascii_lowercase();
+    let name = name.as_str();
     match name {
         "id" | "type" => Some("the relay writes the id and type headers"),
         TRACEPARENT | TRACESTATE => Some("trace context comes from spec.outbox.columns.traceparent and tracestate"),
@@ -493,6 +497,8 @@ mod tests {
         ] {
             assert!(reserved_header(name).is_some(), "{name}");
         }
+        assert!(reserved_header("Content-Type").is_some(), "case-insensitive");
+        assert!(reserved_header("CE_ID").is_some(), "case-insensitive");
         assert_eq!(reserved_header("tenant"), None);
         assert_eq!(reserved_header("cex"), None);
     }
