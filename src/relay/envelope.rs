@@ -67,6 +67,16 @@ pub struct Fallback {
     pub reason: String,
 }
 
+/// A row's value as a fallback's reason quotes it: at most 64 characters, so a
+/// huge bad value cannot flood the log.
+pub fn shown(text: &[u8]) -> String {
+    let s = String::from_utf8_lossy(text);
+    match s.char_indices().nth(64) {
+        Some((cut, _)) => format!("{:?}…", &s[..cut]),
+        None => format!("{s:?}"),
+    }
+}
+
 /// The CloudEvents attributes fixed per relay (resolved from the spec).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CloudEvents {
@@ -131,8 +141,8 @@ pub fn record_time(text: Option<&[u8]>, commit_time: PgTimestamp) -> (PgTimestam
             Some(Fallback {
                 kind: kinds::INVALID_TIMESTAMP,
                 reason: format!(
-                    "timestamp {:?} is not a time after 1970 in years up to 9999; the record has the commit time",
-                    String::from_utf8_lossy(text)
+                    "timestamp {} is not a time after 1970 in years up to 9999; the record has the commit time",
+                    shown(text)
                 ),
             }),
         ),
@@ -260,8 +270,8 @@ pub fn parse_partition(text: &[u8]) -> Result<i32, Fallback> {
         .ok_or_else(|| Fallback {
             kind: kinds::INVALID_PARTITION,
             reason: format!(
-                "partition {:?} is not a partition number; the key's hash picks the partition",
-                String::from_utf8_lossy(text)
+                "partition {} is not a partition number; the key's hash picks the partition",
+                shown(text)
             ),
         })
 }
@@ -482,6 +492,13 @@ mod tests {
         assert_eq!(names, ["ce_specversion", "ce_source", "ce_time", "content-type"]);
         assert_eq!(out[1].1, Bytes::from("urn:shop"));
         assert_eq!(out[3].1, Bytes::from("text/plain"));
+    }
+
+    #[test]
+    fn quoted_values_are_bounded() {
+        assert_eq!(shown(b"abc"), "\"abc\"");
+        let long = shown("é".repeat(100).as_bytes());
+        assert_eq!(long.chars().count(), 64 + 3, "{long}");
     }
 
     #[test]

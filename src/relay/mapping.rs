@@ -308,8 +308,8 @@ impl Mapper {
             fallbacks.push(Fallback {
                 kind: envelope::kinds::INVALID_TRACEPARENT,
                 reason: format!(
-                    "traceparent {:?} is not version-traceid-parentid-flags; the traceparent and tracestate headers are left out",
-                    String::from_utf8_lossy(&parent)
+                    "traceparent {} is not version-traceid-parentid-flags; the traceparent and tracestate headers are left out",
+                    envelope::shown(&parent)
                 ),
             });
             return Ok(());
