@@ -46,9 +46,10 @@ struct OperatorArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "OUTBOX_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "OUTBOX_WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces (repeat the flag or separate with commas;
+    /// default: all namespaces). Needs only Roles in them, no ClusterRole.
+    #[arg(long = "namespace", env = "OUTBOX_WATCH_NAMESPACE", value_delimiter = ',')]
+    namespaces: Vec<String>,
     /// Seconds between reconciles of a healthy relay (refreshes lag and conditions).
     #[arg(long, env = "OUTBOX_REQUEUE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     requeue_seconds: u64,
@@ -118,7 +119,7 @@ async fn run_operator(args: OperatorArgs) -> Result<(), Box<dyn std::error::Erro
         .map_err(|e| format!("no Kubernetes client configuration (in-cluster or kubeconfig): {e}"))?;
     let config = controller::Config {
         relay_image: args.relay_image,
-        namespace: args.namespace,
+        scope: controller::WatchScope::namespaces(args.namespaces),
         requeue_interval: std::time::Duration::from_secs(args.requeue_seconds),
     };
     let handle = controller::OperatorHandle::new();

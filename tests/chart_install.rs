@@ -176,6 +176,107 @@ async fn chart_renders_and_the_api_server_accepts_it() {
     );
 }
 
+/// The rules of a rendered Role or ClusterRole, comparable across the two.
+fn rules_of(role: &Value) -> Vec<Value> {
+    role["rules"].as_array().expect("rules").clone()
+}
+
+#[tokio::test]
+async fn namespaced_mode_grants_the_same_rules_in_each_listed_namespace_only() {
+    let bed = shared().await;
+    let kube = &bed.kube;
+    let ns = unique_name("chart-ns");
+    let (a, b) = (unique_name("team-a"), unique_name("team-b"));
+    let cluster_docs = documents(&render(kube.helm(), &ns, &[]));
+    let cluster_rules = rules_of(find(&cluster_docs, "ClusterRole", "outbox-operator"));
+
+    let list = format!("watchNamespaces={{{a},{b}}}");
+    let rendered = render(kube.helm(), &ns, &[&list]);
+    let docs = documents(&rendered);
+    // No cluster-wide grant to the operator; the aggregated edit/view roles are for
+    // users and grant the operator nothing.
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "ClusterRoleBinding"),
+        "namespaced mode rendered a ClusterRoleBinding"
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "outbox-operator"),
+        "namespaced mode rendered the operator's ClusterRole"
+    );
+    for watched in [&a, &b] {
+        let role = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "Role"
+                    && d["metadata"]["name"] == "outbox-operator"
+                    && d["metadata"]["namespace"] == watched.as_str()
+            })
+            .unwrap_or_else(|| panic!("no Role in {watched}"));
+        assert_eq!(
+            rules_of(role),
+            cluster_rules,
+            "the Role in {watched} differs from the cluster mode's rules"
+        );
+        let binding = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "RoleBinding"
+                    && d["metadata"]["name"] == "outbox-operator"
+                    && d["metadata"]["namespace"] == watched.as_str()
+            })
+            .unwrap_or_else(|| panic!("no RoleBinding in {watched}"));
+        assert_eq!(binding["roleRef"]["kind"], "Role");
+        assert_eq!(
+            binding["subjects"][0]["namespace"],
+            ns.as_str(),
+            "bound to the release's ServiceAccount"
+        );
+    }
+    let container = &find(&docs, "Deployment", "outbox-operator")["spec"]["template"]["spec"]["containers"][0];
+    let env = container["env"].as_array().expect("container env");
+    let watch = env
+        .iter()
+        .find(|e| e["name"] == "OUTBOX_WATCH_NAMESPACE")
+        .unwrap_or_else(|| panic!("no OUTBOX_WATCH_NAMESPACE in {}", container["env"]));
+    assert_eq!(watch["value"], format!("{a},{b}").as_str());
+    // Cluster mode tells the operator no namespace.
+    let cluster_env =
+        &find(&cluster_docs, "Deployment", "outbox-operator")["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        !cluster_env.to_string().contains("OUTBOX_WATCH_NAMESPACE"),
+        "cluster mode sets a watch namespace: {cluster_env}"
+    );
+
+    // The API server accepts the namespaced objects too.
+    let crd_docs: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .collect();
+    let crd: CustomResourceDefinition = serde_json::from_value(crd_docs[0].clone()).expect("CRD decodes");
+    kube.install_crd(&crd).await.expect("install the chart's CRD");
+    for n in [&ns, &a, &b] {
+        let mut create_ns = kube.kubectl();
+        create_ns.args(["create", "namespace", n]);
+        run("kubectl create namespace", create_ns);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).expect("write rendered manifests");
+    let mut apply = kube.kubectl();
+    apply.args(["apply", "--dry-run=server", "-f"]).arg(&file);
+    let applied = run("kubectl apply --dry-run=server", apply);
+    assert_eq!(
+        applied
+            .lines()
+            .filter(|l| l.starts_with("role.rbac.authorization.k8s.io/outbox-operator "))
+            .count(),
+        2,
+        "expected the operator's Role in both listed namespaces:\n{applied}"
+    );
+}
+
 /// The metric names the operator exposes, read from its own exposition.
 fn operator_metric_names() -> BTreeSet<String> {
     let m = OperatorMetrics::new();

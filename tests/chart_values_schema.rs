@@ -77,6 +77,7 @@ fn defaults_and_good_values_pass() {
         "image.tag=1.2.3",
         "logFormat=text",
         "logLevel=outbox_operator=debug\\,info",
+        "watchNamespaces={team-a,team-b}",
     ]);
     assert!(lint && template, "good values refused:\n{out}");
 }
@@ -102,6 +103,9 @@ fn bad_values_are_refused_naming_the_value() {
         ("serviceAccount.name=Not_A_Name", "/serviceAccount/name"),
         ("metrics.serviceMonitr.enabled=true", "serviceMonitr"),
         ("replicas=2", "replicas"),
+        ("watchNamespaces={Team_A}", "/watchNamespaces/0"),
+        ("watchNamespaces={a,a}", "/watchNamespaces"),
+        ("watchNamespaces=team-a", "/watchNamespaces"),
     ] {
         let (lint, template, out) = check(&[set]);
         assert!(!lint, "helm lint --strict accepted {set}:\n{out}");

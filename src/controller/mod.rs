@@ -31,6 +31,8 @@ pub mod drain;
 mod error;
 pub mod events;
 mod problems;
+pub mod scope;
+pub use scope::WatchScope;
 pub mod secrets;
 pub mod status;
 pub mod validate;
@@ -54,7 +56,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, instrument, warn};
@@ -88,8 +90,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(120);
 pub struct Config {
     /// Worker image used when `spec.worker.image` is not set.
     pub relay_image: String,
-    /// Watch only this namespace; `None` watches all of them.
-    pub namespace: Option<String>,
+    /// The namespaces to watch, or the whole cluster.
+    pub scope: WatchScope,
     /// Requeue of a reconcile that succeeded (refreshes lag and conditions).
     pub requeue_interval: Duration,
 }
@@ -98,7 +100,7 @@ impl Config {
     pub fn new(relay_image: impl Into<String>) -> Self {
         Self {
             relay_image: relay_image.into(),
-            namespace: None,
+            scope: WatchScope::cluster(),
             requeue_interval: DEFAULT_REQUEUE,
         }
     }
@@ -185,21 +187,26 @@ pub async fn run(
     handle: OperatorHandle,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (relays, deployments, secrets) = match &config.namespace {
-        Some(ns) => (
-            Api::<OutboxRelay>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-            // `PartialObjectMeta`: the API server sends metadata only.
-            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
-    let controller = Controller::new(relays, watcher::Config::default().any_semantic());
-    let store = controller.store();
+    // One watch per namespace in a namespaced install (it may not list across the
+    // cluster), merged into one relay store; see [`scope`].
+    let writer = Writer::<OutboxRelay>::default();
+    let store = writer.as_reader();
+    let relays = scope::relay_triggers(
+        config.scope.apis(&client),
+        watcher::Config::default().any_semantic(),
+        writer,
+    );
+    // Metadata only: ownership needs the owner references, nothing else.
+    let deployments = scope::metadata_triggers(
+        config.scope.apis::<PartialObjectMeta<Deployment>>(&client),
+        watcher::Config::default().labels(MANAGED_BY_SELECTOR),
+    );
+    // Metadata only: the API server sends no Secret data on this watch.
+    let secrets = scope::metadata_triggers(
+        config.scope.apis::<PartialObjectMeta<Secret>>(&client),
+        watcher::Config::default().any_semantic(),
+    );
+    let controller = Controller::for_stream(relays, store.clone());
 
     let ready = handle.ready.clone();
     let synced = store.clone();
@@ -219,20 +226,18 @@ pub async fn run(
     });
 
     let ctx = Arc::new(Context::new(client, config, handle.metrics.clone(), store.clone()));
-    info!(namespace = ?ctx.config.namespace, "operator started");
+    info!(scope = %ctx.config.scope, "operator started");
     controller
-        .owns(deployments, watcher::Config::default().labels(MANAGED_BY_SELECTOR))
+        .owns_stream(deployments)
         // A changed Secret must reach the relays that use it: credentials in the
         // pod template hash roll the workers, and provisioning retries at once.
         // Metadata only: the watch needs to know that a Secret changed, never what it
         // holds. Its data is read (one GET) only when reconciling a relay that names it,
         // so the operator never holds other teams' credentials, and its memory does not
         // grow with the size of every Secret in the cluster.
-        .watches(
-            secrets,
-            watcher::Config::default().any_semantic(),
-            move |secret: PartialObjectMeta<Secret>| relays_using_secret(&store, &secret.metadata),
-        )
+        .watches_stream(secrets, move |secret: PartialObjectMeta<Secret>| {
+            relays_using_secret(&store, &secret.metadata)
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -16,7 +16,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
 use outbox_operator::api::conditions::find;
 use outbox_operator::api::{OutboxRelay, OutboxRelaySpec};
-use outbox_operator::controller::{self, OperatorHandle};
+use outbox_operator::controller::{self, OperatorHandle, WatchScope};
 use outbox_testbed::{Postgres, TestBed, shared, unique_name};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -37,6 +37,8 @@ pub struct Harness {
     pub db: String,
     pub pg: &'static Postgres,
     pub handle: OperatorHandle,
+    /// The namespaces of [`Options::also_watch`].
+    pub watched: Vec<String>,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -50,6 +52,10 @@ pub struct Options {
     /// Watch every namespace instead of only the test's own. Only for a test binary
     /// with a single test: the operator would reconcile its neighbours' relays too.
     pub watch_all: bool,
+    /// Further namespaces (name prefixes) to create, each with the credentials
+    /// Secret, and to watch besides the test's own: a namespaced install with a
+    /// list of namespaces. Their names are in [`Harness::watched`].
+    pub also_watch: &'static [&'static str],
 }
 
 impl Default for Options {
@@ -59,6 +65,7 @@ impl Default for Options {
             table: true,
             secret: true,
             watch_all: false,
+            also_watch: &[],
         }
     }
 }
@@ -91,9 +98,27 @@ impl Harness {
             let c = pg.client(&db).await.expect("connect");
             c.batch_execute(OUTBOX_DDL).await.expect("create outbox table");
         }
-        let h = Self::spawn(client, ns, db, pg, opts.requeue, opts.watch_all);
+        let mut watched = Vec::new();
+        for prefix in opts.also_watch {
+            let other = unique_name(prefix);
+            let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": other}})).expect("namespace");
+            namespaces
+                .create(&PostParams::default(), &obj)
+                .await
+                .expect("create namespace");
+            watched.push(other);
+        }
+        let scope = if opts.watch_all {
+            WatchScope::cluster()
+        } else {
+            WatchScope::namespaces(std::iter::once(ns.clone()).chain(watched.iter().cloned()))
+        };
+        let h = Self::spawn(client, ns, db, pg, opts.requeue, scope, watched);
         if opts.secret {
             h.create_secret(SECRET, pg.user(), pg.password()).await;
+            for other in &h.watched {
+                h.create_secret_in(other, SECRET, pg.user(), pg.password()).await;
+            }
         }
         h
     }
@@ -104,12 +129,13 @@ impl Harness {
         db: String,
         pg: &'static Postgres,
         requeue: Duration,
-        watch_all: bool,
+        scope: WatchScope,
+        watched: Vec<String>,
     ) -> Harness {
         let handle = OperatorHandle::new();
         let config = controller::Config {
             relay_image: IMAGE.into(),
-            namespace: (!watch_all).then(|| ns.clone()),
+            scope,
             requeue_interval: requeue,
         };
         let (stop, mut rx) = watch::channel(false);
@@ -125,6 +151,7 @@ impl Harness {
             db,
             pg,
             handle,
+            watched,
             stop,
             task: Some(task),
         }
