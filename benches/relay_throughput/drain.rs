@@ -8,7 +8,7 @@
 //!
 //! The latency phase reuses the worker and `wait_confirmed` from here.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use outbox_operator::api::OutboxRelaySpec;
 use outbox_operator::relay::config::Credentials;
 use outbox_operator::relay::lsn::Lsn;
-use outbox_testbed::Postgres;
+use outbox_testbed::{Postgres, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cpu::{Cpu, CpuSample, proc_cpu_secs};
@@ -136,7 +136,8 @@ impl Worker {
             "spec": spec,
         });
         std::fs::write(&spec_path, serde_json::to_vec(&doc)?)?;
-        let metrics = free_addr()?;
+        // Free a moment ago; the worker binds it a moment later.
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let log = dir.join("worker.log");
         let out = std::fs::File::create(&log)?;
         let child = Command::new(worker_binary())
@@ -225,11 +226,6 @@ fn worker_binary() -> PathBuf {
     std::env::var_os("OUTBOX_BENCH_WORKER")
         .filter(|v| !v.is_empty())
         .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_outbox-operator")), PathBuf::from)
-}
-
-fn free_addr() -> Res<SocketAddr> {
-    // Bound and released at once; the worker binds it a moment later.
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// `pg_recvlogical` from the second slot to a file, stopping at `endpos`.
