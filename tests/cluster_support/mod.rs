@@ -32,6 +32,12 @@ static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new()
 
 /// The cluster, with the image loaded and the chart installed (once per binary).
 pub async fn cluster() -> &'static Cluster {
+    cluster_installed_with(&[]).await
+}
+
+/// Like [`cluster`], with extra `--set` values for the install; the first call
+/// in a binary decides them.
+pub async fn cluster_installed_with(sets: &[&str]) -> &'static Cluster {
     let c = cluster::shared().await;
     INSTALLED
         .get_or_init(|| async {
@@ -42,7 +48,7 @@ pub async fn cluster() -> &'static Cluster {
                 .expect("build and load the operator image");
             eprintln!("cluster: image built and loaded in {:.1}s", t.elapsed().as_secs_f32());
             let t = Instant::now();
-            helm_install(c, &[]);
+            helm_install(c, sets);
             let client = c.kube.client().await.expect("client");
             await_deployment_available(&client, OPERATOR_NS, RELEASE, 2).await;
             eprintln!(
@@ -52,6 +58,16 @@ pub async fn cluster() -> &'static Cluster {
         })
         .await;
     c
+}
+
+/// Creates namespace `name`.
+pub async fn create_namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
+    namespaces
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("create namespace");
 }
 
 /// `helm install` (or upgrade) of the chart with the test image.
@@ -106,12 +122,13 @@ impl Case {
         let cluster = cluster().await;
         let client = cluster.kube.client().await.expect("kube client");
         let ns = unique_name(prefix);
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("namespace");
-        namespaces
-            .create(&PostParams::default(), &obj)
-            .await
-            .expect("create namespace");
+        create_namespace(&client, &ns).await;
+        Self::in_namespace(cluster, ns, partitions).await
+    }
+
+    /// A case in the existing namespace `ns` of `cluster` (installed already).
+    pub async fn in_namespace(cluster: &'static Cluster, ns: String, partitions: i32) -> Case {
+        let client = cluster.kube.client().await.expect("kube client");
         let db = ns.replace('-', "_");
         cluster.pg.create_database(&db).await.expect("create database");
         let c = cluster.pg.client(&db).await.expect("connect");
