@@ -14,6 +14,10 @@
 //!   databases), against the number of relays and requeues, so the cost per
 //!   reconcile is visible.
 //!
+//! With `OUTBOX_BENCH_BASELINE_OPERATOR=PATH` (a build of an earlier commit) it
+//! runs the same scenario with that binary in the same run, on namespaces and
+//! databases of its own, and prints the ratios.
+//!
 //!   cargo bench --profile dev --bench operator_scale [-- --namespaces N --per-namespace M --steady-seconds S --requeue-seconds R]
 
 use std::collections::HashSet;
@@ -61,11 +65,12 @@ fn usage(pid: u32) -> (f64, u64, u64) {
     (cpu, field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Backend pids of the operator's sessions (they carry `outbox-relay/<ns>/<name>`).
-async fn operator_sessions(pg: &tokio_postgres::Client) -> Vec<i32> {
+/// Backend pids of the sessions in the run's databases: the operator's (no worker
+/// runs here, and the bench's own set-up sessions have ended).
+async fn operator_sessions(pg: &tokio_postgres::Client, run: &str) -> Vec<i32> {
     pg.query(
-        "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'outbox-relay/%'",
-        &[],
+        "SELECT pid FROM pg_stat_activity WHERE datname LIKE $1 || '\\_team\\_%'",
+        &[&run],
     )
     .await
     .expect("pg_stat_activity")
@@ -75,10 +80,10 @@ async fn operator_sessions(pg: &tokio_postgres::Client) -> Vec<i32> {
 }
 
 /// Sessions ever established to the relays' databases (PostgreSQL 14+).
-async fn sessions_opened(pg: &tokio_postgres::Client) -> i64 {
+async fn sessions_opened(pg: &tokio_postgres::Client, run: &str) -> i64 {
     pg.query_one(
-        "SELECT coalesce(sum(sessions), 0)::int8 FROM pg_stat_database WHERE datname LIKE 'team\\_%'",
-        &[],
+        "SELECT coalesce(sum(sessions), 0)::int8 FROM pg_stat_database WHERE datname LIKE $1 || '\\_team\\_%'",
+        &[&run],
     )
     .await
     .expect("pg_stat_database")
@@ -117,33 +122,116 @@ fn ready(r: &OutboxRelay) -> bool {
         .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// What one operator binary did with the relays.
+struct Figures {
+    created: Duration,
+    all_ready: Duration,
+    cpu_to_ready: f64,
+    window: f64,
+    steady_cpu: f64,
+    rss_kib: u64,
+    peak_kib: u64,
+    held_mean: f64,
+    held_max: usize,
+    opened: i64,
+    reconciles: f64,
+}
+
+struct Setup {
+    namespaces: usize,
+    per_ns: usize,
+    steady: Duration,
+    requeue: u64,
+}
+
 #[tokio::main]
 async fn main() {
-    let namespaces = arg("--namespaces", 10) as usize;
-    let per_ns = arg("--per-namespace", 10) as usize;
-    let steady = Duration::from_secs(arg("--steady-seconds", 60));
-    let requeue = arg("--requeue-seconds", 30);
-    let total = namespaces * per_ns;
+    let setup = Setup {
+        namespaces: arg("--namespaces", 10) as usize,
+        per_ns: arg("--per-namespace", 10) as usize,
+        steady: Duration::from_secs(arg("--steady-seconds", 60)),
+        requeue: arg("--requeue-seconds", 30),
+    };
+    let total = setup.namespaces * setup.per_ns;
+    let baseline = std::env::var("OUTBOX_BENCH_BASELINE_OPERATOR").ok().map(PathBuf::from);
+    let runs = 1 + usize::from(baseline.is_some());
 
     let components = Components::locate().expect("test bed components (hack/testbed fetch)");
     let (kube, pg) = tokio::join!(KubeApi::start(&components), Postgres::start(&components));
     let (kube, pg) = (kube.expect("kube-apiserver"), pg.expect("postgres"));
-    // One slot per relay, more than the bed's default.
+    // One slot per relay and run, more than the bed's default.
     let admin = pg.client("postgres").await.expect("connect");
     admin
-        .batch_execute(&format!("ALTER SYSTEM SET max_replication_slots = {}", total + 10))
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET max_replication_slots = {}",
+            total * runs + 10
+        ))
         .await
         .expect("raise max_replication_slots");
     drop(admin);
     pg.stop().await.expect("stop postgres");
     pg.start_again().await.expect("restart postgres");
-
-    let client = kube.client().await.expect("client");
     kube.install_crd(&OutboxRelay::crd()).await.expect("CRD");
+
+    let current = PathBuf::from(env!("CARGO_BIN_EXE_outbox-operator"));
+    let mut results = vec![("this build", scenario(&current, "a", &setup, &kube, &pg).await)];
+    if let Some(base) = baseline {
+        results.push(("baseline", scenario(&base, "b", &setup, &kube, &pg).await));
+    }
+
+    println!(
+        "{} relays ({} namespaces x {}), {} databases on one server, requeue {} s, steady window {} s\n",
+        total,
+        setup.namespaces,
+        setup.per_ns,
+        setup.namespaces,
+        setup.requeue,
+        setup.steady.as_secs()
+    );
+    println!(
+        "| operator | applied → all Ready | CPU until Ready | steady CPU | CPU per reconcile | RSS steady / peak | sessions held mean / max | sessions opened per reconcile |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, f) in &results {
+        println!(
+            "| {name} | {:.1} s | {:.2} s | {:.3} s/s | {:.1} ms | {:.1} / {:.1} MiB | {:.1} / {} | {:.2} ({} in {:.0} s) |",
+            f.all_ready.as_secs_f64(),
+            f.cpu_to_ready,
+            f.steady_cpu / f.window,
+            f.steady_cpu * 1000.0 / f.reconciles.max(1.0),
+            f.rss_kib as f64 / 1024.0,
+            f.peak_kib as f64 / 1024.0,
+            f.held_mean,
+            f.held_max,
+            f.opened as f64 / f.reconciles.max(1.0),
+            f.opened,
+            f.window,
+        );
+        eprintln!("{name}: {total} relays created in {:.1} s", f.created.as_secs_f64());
+    }
+    if let [(_, this), (_, base)] = &results[..] {
+        println!(
+            "\nthis build / baseline: time to all Ready {:.2}x, CPU until Ready {:.2}x, steady CPU {:.2}x, sessions opened {:.2}x",
+            this.all_ready.as_secs_f64() / base.all_ready.as_secs_f64().max(1e-9),
+            this.cpu_to_ready / base.cpu_to_ready.max(1e-9),
+            (this.steady_cpu / this.window) / (base.steady_cpu / base.window).max(1e-9),
+            this.opened as f64 / (base.opened as f64).max(1.0),
+        );
+    }
+}
+
+/// Namespaces `<run>-team-N`, databases `<run>_team_N`, the operator `binary`
+/// watching them, and the figures.
+async fn scenario(binary: &std::path::Path, run: &str, setup: &Setup, kube: &KubeApi, pg: &Postgres) -> Figures {
+    let total = setup.namespaces * setup.per_ns;
+    let requeue = setup.requeue;
+    let client = kube.client().await.expect("client");
     let ns_api: Api<Namespace> = Api::all(client.clone());
     let mut names = Vec::new();
-    for n in 0..namespaces {
-        let ns = format!("team-{n}");
+    let mut watched = Vec::new();
+    for n in 0..setup.namespaces {
+        let ns = format!("{run}-team-{n}");
+        watched.push(ns.clone());
         let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
         ns_api.create(&PostParams::default(), &obj).await.expect("namespace");
         let secret: Secret = serde_json::from_value(json!({
@@ -155,10 +243,10 @@ async fn main() {
             .create(&PostParams::default(), &secret)
             .await
             .expect("secret");
-        let db = format!("team_{n}");
+        let db = format!("{run}_team_{n}");
         pg.create_database(&db).await.expect("database");
         let c = pg.client(&db).await.expect("connect");
-        for r in 0..per_ns {
+        for r in 0..setup.per_ns {
             c.batch_execute(&OUTBOX_DDL.replace("public.outbox", &format!("public.outbox_{r}")))
                 .await
                 .expect("outbox table");
@@ -172,8 +260,8 @@ async fn main() {
     }
 
     let port = free_port().expect("port");
-    let binary = PathBuf::from(env!("CARGO_BIN_EXE_outbox-operator"));
-    let mut child = Command::new(&binary)
+    // Watching only this run's namespaces: the other run's relays stay untouched.
+    let mut child = Command::new(binary)
         .args([
             "--log-format",
             "text",
@@ -183,6 +271,7 @@ async fn main() {
         ])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--requeue-seconds", &requeue.to_string()])
+        .args(["--namespace", &watched.join(",")])
         .env("KUBECONFIG", kube.kubeconfig_path())
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
@@ -198,7 +287,7 @@ async fn main() {
     let mut creates = futures::stream::iter(names.iter().cloned())
         .map(|(ns, db, name, table)| {
             let client = client.clone();
-            let spec = spec(&pg, &db, &table);
+            let spec = spec(pg, &db, &table);
             async move {
                 Api::<OutboxRelay>::namespaced(client, &ns)
                     .create(&PostParams::default(), &OutboxRelay::new(&name, spec))
@@ -213,10 +302,14 @@ async fn main() {
     // Play the Deployment controller until every relay is Ready.
     let relays: Api<OutboxRelay> = Api::all(client.clone());
     let deployments: Api<Deployment> = Api::all(client.clone());
+    let mine = |ns: &Option<String>| ns.as_deref().is_some_and(|n| watched.iter().any(|w| w == n));
     let mut available: HashSet<(String, String)> = HashSet::new();
     let limit = Duration::from_secs(300);
     let all_ready = loop {
         for d in deployments.list(&ListParams::default()).await.expect("list").items {
+            if !mine(&d.metadata.namespace) {
+                continue;
+            }
             let key = (
                 d.metadata.namespace.clone().unwrap_or_default(),
                 d.metadata.name.clone().unwrap_or_default(),
@@ -226,7 +319,7 @@ async fn main() {
             }
         }
         let list = relays.list(&ListParams::default()).await.expect("list relays").items;
-        let n = list.iter().filter(|r| ready(r)).count();
+        let n = list.iter().filter(|r| mine(&r.metadata.namespace) && ready(r)).count();
         if n == total {
             break applied.elapsed();
         }
@@ -239,47 +332,32 @@ async fn main() {
     let sql = pg.client("postgres").await.expect("connect");
     let (cpu0, _, _) = usage(child.id());
     let start = Instant::now();
-    let opened0 = sessions_opened(&sql).await;
+    let opened0 = sessions_opened(&sql, run).await;
     let (mut samples, mut held_sum, mut held_max) = (0u64, 0usize, 0usize);
-    while start.elapsed() < steady {
-        let pids = operator_sessions(&sql).await;
+    while start.elapsed() < setup.steady {
+        let pids = operator_sessions(&sql, run).await;
         held_max = held_max.max(pids.len());
         held_sum += pids.len();
         samples += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let window = start.elapsed().as_secs_f64();
-    let opened = sessions_opened(&sql).await - opened0;
+    let opened = sessions_opened(&sql, run).await - opened0;
     let (cpu1, rss, peak) = usage(child.id());
     let _ = child.kill();
     let _ = child.wait();
 
-    let reconciles = total as f64 * window / requeue as f64;
-    println!("| operator at scale | value |");
-    println!("|---|---:|");
-    println!("| relays (namespaces × per namespace) | {total} ({namespaces} × {per_ns}) |");
-    println!("| databases on the one server | {namespaces} |");
-    println!("| created in | {:.1} s |", created.as_secs_f64());
-    println!("| applied → all Ready | {:.1} s |", all_ready.as_secs_f64());
-    println!("| operator CPU until all Ready | {cpu_at_ready:.2} s |");
-    println!("| requeue interval | {requeue} s |");
-    println!("| steady window | {window:.0} s |");
-    println!(
-        "| steady CPU | {:.3} s per s ({:.1} ms per expected reconcile) |",
-        (cpu1 - cpu0) / window,
-        (cpu1 - cpu0) * 1000.0 / reconciles.max(1.0)
-    );
-    println!(
-        "| RSS steady / peak | {:.1} / {:.1} MiB |",
-        rss as f64 / 1024.0,
-        peak as f64 / 1024.0
-    );
-    println!(
-        "| PostgreSQL sessions held (mean / max of {samples} samples) | {:.1} / {held_max} |",
-        held_sum as f64 / samples.max(1) as f64
-    );
-    println!(
-        "| sessions opened in the window | {opened} ({:.2} per expected reconcile) |",
-        opened as f64 / reconciles.max(1.0)
-    );
+    Figures {
+        created,
+        all_ready,
+        cpu_to_ready: cpu_at_ready,
+        window,
+        steady_cpu: cpu1 - cpu0,
+        rss_kib: rss,
+        peak_kib: peak,
+        held_mean: held_sum as f64 / samples.max(1) as f64,
+        held_max,
+        opened,
+        reconciles: total as f64 * window / requeue as f64,
+    }
 }

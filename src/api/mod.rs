@@ -153,7 +153,7 @@ pub struct PgTlsSpec {
 }
 
 /// libpq's `sslmode`, in CamelCase.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
 pub enum PgSslMode {
     Disable,
     #[default]

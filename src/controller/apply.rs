@@ -255,11 +255,14 @@ pub enum Provision {
 /// relay may do with its publication and slot.
 pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Result<Provision, Error> {
     let target = &v.database;
+    // A connection kept from an earlier reconcile when there is one (see
+    // `postgres::pool`). Every early return below drops it, which closes it: only a
+    // pass that finished all its statements hands it back.
     let client = timed(
         "connecting",
-        postgres::CONNECT_TIMEOUT + Duration::from_secs(2),
+        postgres::CONNECT_TIMEOUT + Duration::from_secs(4),
         "",
-        async { postgres::connect(&target.connect).await },
+        ctx.pg_pool.get(&target.connect),
     )
     .await?;
     timed(
@@ -279,11 +282,11 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
     )
     .await?;
     let intent = intent(relay, ctx, &target.slot, &obs).await;
-    match binding::decide(&owner, &target.slot, &target.publication, &obs, &intent) {
-        Err(refusal) => Ok(Provision::Refused {
+    let provision = match binding::decide(&owner, &target.slot, &target.publication, &obs, &intent) {
+        Err(refusal) => Provision::Refused {
             refusal,
             slot: obs.slot.clone(),
-        }),
+        },
         Ok(steps) => {
             let bound = timed(
                 "ensuring the publication and the replication slot",
@@ -293,9 +296,11 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
                 binding::bind(&client, &t, &obs, steps, &super::status::now()),
             )
             .await?;
-            Ok(Provision::Bound(bound))
+            Provision::Bound(bound)
         }
-    }
+    };
+    client.release();
+    Ok(provision)
 }
 
 /// The relay as ownership records name it.

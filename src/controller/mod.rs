@@ -146,6 +146,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Every relay the operator watches: for collisions and shared Secrets.
     pub relays: Store<OutboxRelay>,
+    /// SQL connections kept between reconciles.
+    pub pg_pool: crate::postgres::pool::Pool,
     /// Consecutive failed reconciles per relay, for the backoff.
     failures: Mutex<HashMap<ObjectRef<OutboxRelay>, u32>>,
 }
@@ -159,6 +161,7 @@ impl Context {
             metrics,
             recorder,
             relays,
+            pg_pool: Default::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -394,8 +397,25 @@ async fn reconcile_apply(relay: &OutboxRelay, ctx: &Context) -> Result<Action, E
     }
     match outcome.error {
         Some(e) => Err(e),
-        None => Ok(Action::requeue(ctx.config.requeue_interval)),
+        None => Ok(Action::requeue(spread(
+            ctx.config.requeue_interval,
+            relay.metadata.uid.as_deref().unwrap_or_default(),
+        ))),
     }
+}
+
+/// The requeue interval moved by up to ±10 %, by a fixed amount per relay. Relays
+/// applied together (a GitOps sync, an operator restart) would otherwise requeue
+/// together for ever, and each of those bursts needs as many database connections
+/// at once as the burst has relays per database. Fixed per relay, so each relay's
+/// own refresh stays regular.
+pub fn spread(interval: Duration, uid: &str) -> Duration {
+    // FNV-1a: stable, and spreads the bytes of a UUID well enough for this.
+    let hash = uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let fraction = (hash % 10_001) as f64 / 10_000.0;
+    interval.mul_f64(0.9 + 0.2 * fraction)
 }
 
 fn error_policy(obj: Arc<OutboxRelay>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -523,5 +543,21 @@ mod tests {
             referenced_secrets(&plain).into_iter().collect::<Vec<_>>(),
             ["orders-db"]
         );
+    }
+
+    #[test]
+    fn requeues_are_spread_per_relay_within_ten_percent() {
+        let interval = Duration::from_secs(30);
+        let uids: Vec<String> = (0..200).map(|i| format!("0b5c7e4e-7f5e-4d43-9a51-{i:012}")).collect();
+        let spread_of: Vec<Duration> = uids.iter().map(|u| spread(interval, u)).collect();
+        for d in &spread_of {
+            assert!(*d >= Duration::from_secs(27) && *d <= Duration::from_secs(33), "{d:?}");
+        }
+        // Fixed per relay.
+        assert_eq!(spread(interval, &uids[7]), spread_of[7]);
+        // Spread over the window: both ends of it are used.
+        let early = spread_of.iter().filter(|d| **d < Duration::from_secs(29)).count();
+        let late = spread_of.iter().filter(|d| **d > Duration::from_secs(31)).count();
+        assert!(early > 20 && late > 20, "{early} early, {late} late of 200");
     }
 }
