@@ -262,13 +262,35 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
         async { postgres::connect(&target.connect).await },
     )
     .await?;
-    timed(
-        "checking the prerequisites",
-        CHECK_TIMEOUT,
-        "",
-        postgres::check_prerequisites(&client, &target.table, &target.columns, &target.slot),
-    )
-    .await?;
+    match &target.messages {
+        None => {
+            timed(
+                "checking the prerequisites",
+                CHECK_TIMEOUT,
+                "",
+                postgres::check_prerequisites(&client, &target.table, &target.columns, &target.slot),
+            )
+            .await?;
+        }
+        // No table to check; the emit function is the applications' way in, and
+        // CREATE OR REPLACE on every pass keeps it matching the prefix.
+        Some(m) => {
+            timed(
+                "checking the prerequisites",
+                CHECK_TIMEOUT,
+                "",
+                postgres::check_message_prerequisites(&client, &target.slot),
+            )
+            .await?;
+            timed(
+                "creating the emit function",
+                CHECK_TIMEOUT,
+                "",
+                postgres::messages::ensure_emit_function(&client, &m.function, &m.prefix),
+            )
+            .await?;
+        }
+    }
     let owner = owner_of(relay);
     let t = target.binding(&owner);
     let obs = timed(

@@ -274,6 +274,7 @@ async fn delete(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<P
                     &target.publication,
                     &target.table,
                     &target.columns.id,
+                    target.messages.as_ref().map(|m| m.prefix.as_str()),
                     Some(&drain.target_lsn),
                 ),
             )

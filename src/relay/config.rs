@@ -13,7 +13,7 @@ use super::envelope::{self, CloudEvents};
 use super::mapping::{Destination, ROUTED_BY_VALUE};
 use super::replication::ReplicationConfig;
 use crate::api::names::{default_publication_name, default_slot_name};
-use crate::api::{ColumnMapping, OutboxRelaySpec, PoisonPolicy};
+use crate::api::{ColumnMapping, MessagesSpec, OutboxRelaySpec, OutboxSource, PoisonPolicy};
 use crate::kafka::KafkaSettings;
 use crate::postgres::{PgConnectConfig, QualifiedTable};
 
@@ -61,6 +61,8 @@ pub enum ConfigError {
     ForbiddenProducerKey(String),
     #[error("spec.outbox.columns: {0}")]
     InvalidColumns(String),
+    #[error("spec.outbox: {0}")]
+    InvalidSource(String),
 }
 
 impl ConfigError {
@@ -219,7 +221,12 @@ pub struct RelayConfig {
     pub publication: String,
     /// SQL connection (only used for `deleteAfterRelay`).
     pub sql: PgConnectConfig,
+    /// The outbox table. With `source: Messages` there is none, and this is only the
+    /// name the park table derives from: `<function schema>.<slot name>`, never read
+    /// or published (see [`RelayConfig::messages`]).
     pub table: QualifiedTable,
+    /// `source: Messages`: the prefix to relay and the emit function. `None`: the table.
+    pub messages: Option<MessageSource>,
     pub columns: ColumnMapping,
     pub destination: Destination,
     /// CloudEvents binary-mode headers, when `spec.kafka.cloudEvents` is set.
@@ -237,6 +244,14 @@ pub struct RelayConfig {
     pub tuning: Tuning,
 }
 
+/// The resolved settings of `source: Messages`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageSource {
+    pub prefix: String,
+    /// The SQL function applications call to emit an event.
+    pub function: QualifiedTable,
+}
+
 impl RelayConfig {
     pub fn from_spec(
         namespace: &str,
@@ -244,7 +259,12 @@ impl RelayConfig {
         spec: &OutboxRelaySpec,
         creds: &Credentials,
     ) -> Result<Self, ConfigError> {
-        let table = QualifiedTable::parse(&spec.outbox.table).map_err(|e| ConfigError::InvalidTable(e.to_string()))?;
+        let slot = spec
+            .replication
+            .slot_name
+            .clone()
+            .unwrap_or_else(|| default_slot_name(namespace, name));
+        let (table, messages) = source(spec, &slot)?;
         let destination = match (&spec.kafka.topic, &spec.kafka.route_by) {
             (Some(t), _) => Destination::Static(t.clone()),
             (None, Some(r)) => {
@@ -282,11 +302,7 @@ impl RelayConfig {
             namespace: namespace.to_string(),
             name: name.to_string(),
             replication,
-            slot: spec
-                .replication
-                .slot_name
-                .clone()
-                .unwrap_or_else(|| default_slot_name(namespace, name)),
+            slot,
             publication: spec
                 .replication
                 .publication_name
@@ -294,6 +310,7 @@ impl RelayConfig {
                 .unwrap_or_else(|| default_publication_name(namespace, name)),
             sql,
             table,
+            messages,
             columns: spec.outbox.columns.clone(),
             destination,
             cloud_events: spec
@@ -330,6 +347,67 @@ impl RelayConfig {
             None => None,
         };
         Ok(self)
+    }
+}
+
+/// The outbox table, or for messages the park table's base name and the message
+/// settings. The API server checks the same rules (CEL); a spec file never passed it.
+fn source(spec: &OutboxRelaySpec, slot: &str) -> Result<(QualifiedTable, Option<MessageSource>), ConfigError> {
+    let o = &spec.outbox;
+    match o.source {
+        OutboxSource::Table => {
+            if o.messages.is_some() {
+                return Err(ConfigError::InvalidSource(
+                    "messages is only read with source Messages: remove it or set source: Messages".into(),
+                ));
+            }
+            let table = QualifiedTable::parse(&o.table).map_err(|e| ConfigError::InvalidTable(e.to_string()))?;
+            Ok((table, None))
+        }
+        OutboxSource::Messages => {
+            if !o.table.is_empty() {
+                return Err(ConfigError::InvalidSource(
+                    "source Messages reads no table: leave spec.outbox.table out".into(),
+                ));
+            }
+            if o.delete_after_relay {
+                return Err(ConfigError::InvalidSource(
+                    "deleteAfterRelay needs a table: messages leave nothing behind to delete".into(),
+                ));
+            }
+            if let Some(r) = &spec.kafka.route_by
+                && r.column != "aggregatetype"
+            {
+                return Err(ConfigError::InvalidSource(
+                    "with source Messages, routeBy routes by the envelope's aggregateType: leave routeBy.column unset"
+                        .into(),
+                ));
+            }
+            let m = o.messages.clone().unwrap_or_else(MessagesSpec::default);
+            let prefix_ok = (1..=64).contains(&m.prefix.len())
+                && m.prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+            if !prefix_ok {
+                return Err(ConfigError::InvalidSource(format!(
+                    "messages.prefix {:?} must be 1 to 64 of A-Z a-z 0-9 . _ : -",
+                    m.prefix
+                )));
+            }
+            let function = QualifiedTable::parse(&m.function)
+                .map_err(|e| ConfigError::InvalidSource(format!("messages.function: {e}")))?;
+            let park_base = QualifiedTable {
+                schema: function.schema.clone(),
+                name: slot.to_string(),
+            };
+            Ok((
+                park_base,
+                Some(MessageSource {
+                    prefix: m.prefix,
+                    function,
+                }),
+            ))
+        }
     }
 }
 
@@ -408,6 +486,55 @@ mod tests {
         let c = RelayConfig::from_spec("a", "b", &s, &creds()).unwrap();
         assert_eq!(c.slot, "my_slot");
         assert!(matches!(c.destination, Destination::Routed { .. }));
+    }
+
+    fn messages_spec() -> OutboxRelaySpec {
+        serde_json::from_value(serde_json::json!({
+            "database": {"host": "db", "database": "shop", "credentialsSecretRef": {"name": "pg"}},
+            "outbox": {"source": "Messages", "messages": {"function": "app.emit"}},
+            "kafka": {"bootstrapServers": "k:9092", "topic": "orders"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn messages_need_no_table_and_park_by_slot() {
+        let c = RelayConfig::from_spec("shop", "orders", &messages_spec(), &creds()).unwrap();
+        let m = c.messages.as_ref().unwrap();
+        assert_eq!(m.prefix, "outbox");
+        assert_eq!(m.function.unquoted(), "app.emit");
+        // The park table is named from the slot, in the function's schema.
+        assert_eq!(c.table.unquoted(), "app.outbox_shop_orders");
+        assert!(c.messages.is_some() && !c.delete_after_relay);
+        assert!(
+            RelayConfig::from_spec("a", "b", &spec(), &creds())
+                .unwrap()
+                .messages
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn messages_refuse_what_they_would_ignore() {
+        let mut s = messages_spec();
+        s.outbox.table = "public.outbox".into();
+        assert!(matches!(
+            RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(),
+            ConfigError::InvalidSource(_)
+        ));
+        let mut s = messages_spec();
+        s.outbox.delete_after_relay = true;
+        assert!(RelayConfig::from_spec("a", "b", &s, &creds()).is_err());
+        let mut s = messages_spec();
+        s.kafka.topic = None;
+        s.kafka.route_by = Some(RouteBy {
+            column: "kind".into(),
+            topic_template: "ev.${routedByValue}".into(),
+        });
+        assert!(RelayConfig::from_spec("a", "b", &s, &creds()).is_err());
+        let mut s = spec();
+        s.outbox.messages = Some(MessagesSpec::default());
+        assert!(RelayConfig::from_spec("a", "b", &s, &creds()).is_err());
     }
 
     #[test]
