@@ -13,7 +13,7 @@ use super::envelope::{self, CloudEvents};
 use super::mapping::{Destination, ROUTED_BY_VALUE};
 use super::replication::ReplicationConfig;
 use crate::api::names::{default_publication_name, default_slot_name};
-use crate::api::{ColumnMapping, MessagesSpec, OutboxRelaySpec, OutboxSource, PoisonPolicy};
+use crate::api::{ColumnMapping, OutboxRelaySpec, PoisonPolicy};
 use crate::kafka::KafkaSettings;
 use crate::postgres::{PgConnectConfig, QualifiedTable};
 
@@ -29,6 +29,12 @@ pub mod env {
     /// (the operator copies the `outbox.dev/skip-event` annotation into it).
     pub const SKIP_EVENT: &str = "OUTBOX_SKIP_EVENT";
 }
+
+// Resolving `spec.outbox.source` lives in a file of its own; it is still this module's code.
+#[path = "config_source.rs"]
+mod source;
+pub use source::MessageSource;
+use source::source;
 
 /// Annotation naming the one event to skip (park) to get past a Stop.
 pub const SKIP_EVENT_ANNOTATION: &str = "outbox.dev/skip-event";
@@ -244,14 +250,6 @@ pub struct RelayConfig {
     pub tuning: Tuning,
 }
 
-/// The resolved settings of `source: Messages`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MessageSource {
-    pub prefix: String,
-    /// The SQL function applications call to emit an event.
-    pub function: QualifiedTable,
-}
-
 impl RelayConfig {
     pub fn from_spec(
         namespace: &str,
@@ -347,67 +345,6 @@ impl RelayConfig {
             None => None,
         };
         Ok(self)
-    }
-}
-
-/// The outbox table, or for messages the park table's base name and the message
-/// settings. The API server checks the same rules (CEL); a spec file never passed it.
-fn source(spec: &OutboxRelaySpec, slot: &str) -> Result<(QualifiedTable, Option<MessageSource>), ConfigError> {
-    let o = &spec.outbox;
-    match o.source {
-        OutboxSource::Table => {
-            if o.messages.is_some() {
-                return Err(ConfigError::InvalidSource(
-                    "messages is only read with source Messages: remove it or set source: Messages".into(),
-                ));
-            }
-            let table = QualifiedTable::parse(&o.table).map_err(|e| ConfigError::InvalidTable(e.to_string()))?;
-            Ok((table, None))
-        }
-        OutboxSource::Messages => {
-            if !o.table.is_empty() {
-                return Err(ConfigError::InvalidSource(
-                    "source Messages reads no table: leave spec.outbox.table out".into(),
-                ));
-            }
-            if o.delete_after_relay {
-                return Err(ConfigError::InvalidSource(
-                    "deleteAfterRelay needs a table: messages leave nothing behind to delete".into(),
-                ));
-            }
-            if let Some(r) = &spec.kafka.route_by
-                && r.column != "aggregatetype"
-            {
-                return Err(ConfigError::InvalidSource(
-                    "with source Messages, routeBy routes by the envelope's aggregateType: leave routeBy.column unset"
-                        .into(),
-                ));
-            }
-            let m = o.messages.clone().unwrap_or_else(MessagesSpec::default);
-            let prefix_ok = (1..=64).contains(&m.prefix.len())
-                && m.prefix
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-            if !prefix_ok {
-                return Err(ConfigError::InvalidSource(format!(
-                    "messages.prefix {:?} must be 1 to 64 of A-Z a-z 0-9 . _ : -",
-                    m.prefix
-                )));
-            }
-            let function = QualifiedTable::parse(&m.function)
-                .map_err(|e| ConfigError::InvalidSource(format!("messages.function: {e}")))?;
-            let park_base = QualifiedTable {
-                schema: function.schema.clone(),
-                name: slot.to_string(),
-            };
-            Ok((
-                park_base,
-                Some(MessageSource {
-                    prefix: m.prefix,
-                    function,
-                }),
-            ))
-        }
     }
 }
 
