@@ -134,7 +134,11 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
         None => match provision(relay, ctx, &v).await {
             Ok(Provision::Bound(b)) => (
                 DatabaseObservation::Provisioned {
-                    table: v.database.table.unquoted(),
+                    // What the condition says was found: the table, or the emit function.
+                    table: match &v.database.messages {
+                        None => format!("table {} exists", v.database.table.unquoted()),
+                        Some(m) => format!("emit function {}() is in place", m.function.unquoted()),
+                    },
                     publication: v.database.publication.clone(),
                     slot_name: v.database.slot.clone(),
                     slot: b.slot,
