@@ -206,9 +206,10 @@ pub fn raw_row(msg: &LogicalMessage) -> (Option<String>, serde_json::Value) {
         .ok()
         .and_then(|(h, _)| serde_json::from_slice::<serde_json::Value>(h).ok())
         .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
+    // jsonb holds no NUL character, so content with one is kept as hex too.
     let content = match std::str::from_utf8(&msg.content) {
-        Ok(s) => serde_json::Value::String(s.to_string()),
-        Err(_) => {
+        Ok(s) if !s.contains('\0') => serde_json::Value::String(s.to_string()),
+        _ => {
             let hex: String = msg.content.iter().map(|b| format!("{b:02x}")).collect();
             serde_json::Value::String(format!("\\x{hex}"))
         }

@@ -147,4 +147,6 @@ fn a_refused_message_keeps_its_content_for_the_park_table() {
     let (id, row) = raw_row(&binary);
     assert_eq!(id, None);
     assert_eq!(row["content"], "\\xff00");
+    binary.content = Bytes::from_static(b"a\0");
+    assert_eq!(raw_row(&binary).1["content"], "\\x6100");
 }
