@@ -80,6 +80,8 @@ pub async fn messages_phase(
         .await?;
     let mut spec = relay_spec(pg, kafka, &args.compression, SLOT, TOPIC)?;
     spec.outbox = serde_json::from_value(serde_json::json!({"source": "Messages"}))?;
+    // A publication of its own: the rounds' default one lists the outbox table.
+    spec.replication.publication_name = Some(SLOT.into());
     let cfg = RelayConfig::from_spec("bench", "bench", &spec, creds)?;
     let m = cfg
         .messages
