@@ -40,6 +40,9 @@ pub struct RelayMetrics {
     pub in_flight: Gauge,
     pub last_event_timestamp_seconds: Gauge,
     pub sessions: Counter,
+    /// Messages with the relay's prefix that were not transactional, so not
+    /// relayed (`source: Messages`).
+    pub refused_messages: Counter,
     registry: Arc<Registry>,
 }
 
@@ -58,8 +61,14 @@ impl RelayMetrics {
         let in_flight = Gauge::default();
         let last_event_timestamp_seconds = Gauge::default();
         let sessions = Counter::default();
+        let refused_messages = Counter::default();
 
         let mut r = Registry::with_prefix("outbox_relay");
+        r.register(
+            "nontransactional_messages",
+            "Messages with the relay's prefix written non-transactionally, refused (not relayed): only transactional messages are committed-only",
+            refused_messages.clone(),
+        );
         r.register("events", "Outbox events delivered to Kafka", events.clone());
         r.register(
             "payload_bytes",
@@ -116,6 +125,7 @@ impl RelayMetrics {
             in_flight,
             last_event_timestamp_seconds,
             sessions,
+            refused_messages,
             registry: Arc::new(r),
         }
     }

@@ -137,6 +137,12 @@ async fn valid_resource_is_accepted_and_listed_with_printer_columns() {
     );
 }
 
+/// A valid relay with `source: Messages` (no table).
+fn messages() -> Value {
+    let obj = with(valid("messages"), "spec.outbox", json!({"source": "Messages"}));
+    with(obj, "metadata.name", json!("messages"))
+}
+
 /// Each case: what to change in a valid resource, and what the refusal must say.
 fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
     let v = || valid("bad");
@@ -155,6 +161,40 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
             "unknown cleanup policy",
             with(v(), "spec.cleanupPolicy", json!("Destroy")),
             "spec.cleanupPolicy: Unsupported value",
+        ),
+        (
+            "messages with a table",
+            with(v(), "spec.outbox.source", json!("Messages")),
+            "leave it out for source Messages",
+        ),
+        (
+            "table source without a table",
+            with(v(), "spec.outbox.table", Value::Null),
+            "set spec.outbox.table for source Table",
+        ),
+        (
+            "message settings with source Table",
+            with(v(), "spec.outbox.messages", json!({"prefix": "orders"})),
+            "only read with source Messages",
+        ),
+        (
+            "messages deleting rows",
+            with(messages(), "spec.outbox.deleteAfterRelay", json!(true)),
+            "deleteAfterRelay needs a table",
+        ),
+        (
+            "messages routed by a column",
+            with(
+                with(messages(), "spec.kafka.topic", Value::Null),
+                "spec.kafka.routeBy",
+                json!({"column": "kind"}),
+            ),
+            "routes by the envelope's aggregateType",
+        ),
+        (
+            "bad message prefix",
+            with(messages(), "spec.outbox.messages", json!({"prefix": "has space"})),
+            "spec.outbox.messages.prefix",
         ),
         (
             "table without schema",
@@ -327,6 +367,27 @@ async fn invalid_resources_are_refused_naming_the_field() {
     create(&api, with_envelope(valid("envelope")))
         .await
         .expect("every envelope option together is accepted");
+    let created = create(&api, messages()).await.expect("a tableless relay is accepted");
+    assert_eq!(created.data["spec"]["outbox"]["source"], json!("Messages"));
+    // Switching the source, or the prefix, is an identity change.
+    for patch in [
+        json!({"spec": {"outbox": {"source": "Table", "table": "public.outbox"}}}),
+        json!({"spec": {"outbox": {"messages": {"prefix": "other"}}}}),
+    ] {
+        let e = api
+            .patch("messages", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect_err("identity change refused");
+        assert!(
+            e.to_string()
+                .contains("spec.outbox.source and spec.outbox.messages.prefix are immutable"),
+            "{e}"
+        );
+    }
+    let same = json!({"spec": {"outbox": {"messages": {"prefix": "outbox", "function": "app.emit"}}}});
+    api.patch("messages", &PatchParams::default(), &Patch::Merge(&same))
+        .await
+        .expect("the function can move");
 }
 
 /// A field a relay is created with: (path, value).

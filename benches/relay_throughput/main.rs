@@ -15,7 +15,8 @@
 //!
 //! Each phase lives in a module of its own, so it can be read and changed alone:
 //! `setup` (servers, the outbox table, writing WAL), `drain` (the relay worker and
-//! `pg_recvlogical`), `polling` (the polling baseline), `latency`, `cpu` (who burnt
+//! `pg_recvlogical`), `polling` (the polling baseline), `latency`, `messages` (the
+//! tableless outbox: WAL per event and drain rate next to the table's), `cpu` (who burnt
 //! the CPU during a phase) and `report` (targets, ratios, the PASS/MISS table).
 //! This file holds the options and `run`, which puts the phases in order.
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@
 mod cpu;
 mod drain;
 mod latency;
+mod messages;
 mod polling;
 mod report;
 mod setup;
@@ -370,7 +372,27 @@ async fn run(args: Args) -> Res<()> {
     r.relay_rss_after_latency_kib = worker.peak_rss_kib()?;
     worker.stop().await;
 
-    let report = report(&args, &r, &machine, started.elapsed());
+    // The tableless outbox last: it deletes the outbox rows it measures the delete of.
+    let mut rates: Vec<f64> = r.rounds.iter().map(|round| round.relay.rate()).collect();
+    rates.sort_by(f64::total_cmp);
+    let table_rate = rates.get(rates.len() / 2).copied().unwrap_or_default();
+    let m = messages::messages_phase(
+        &args,
+        &pg,
+        &kafka,
+        &sql,
+        &creds,
+        dir.path(),
+        r.insert_wal_per_event,
+        table_rate,
+    )
+    .await?;
+
+    let report = format!(
+        "{}\n{}",
+        report(&args, &r, &machine, started.elapsed()),
+        messages::section(&m)
+    );
     println!("\n{report}");
     if let Some(path) = &args.out {
         std::fs::write(path, &report)?;

@@ -109,7 +109,7 @@ impl Payload {
 
     /// The payload of row `i` as SQL; `ts_us` is the insert time, read back from
     /// Kafka for the end-to-end latency.
-    fn sql(self, i: &str) -> String {
+    pub fn sql(self, i: &str) -> String {
         let ts = "(extract(epoch FROM clock_timestamp()) * 1000000)::int8";
         match self {
             Self::Hex => format!(

@@ -9,6 +9,7 @@ pub mod annotations;
 pub mod conditions;
 pub mod names;
 pub mod reference;
+pub mod source;
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use source::{MessagesSpec, OutboxSource};
 
 /// API group of every resource this operator owns.
 pub const GROUP: &str = "outbox.dev";
@@ -68,9 +71,11 @@ pub const GROUP: &str = "outbox.dev";
 // that always exists, because a rule on an optional field never runs when that field
 // is added or removed.
 #[x_kube(validation = Rule::new("self.database.host == oldSelf.database.host && self.database.port == oldSelf.database.port && self.database.database == oldSelf.database.database").message("spec.database (host, port, database) is immutable: the relay's slot and its unread events live in that database; create a new OutboxRelay for another database").field_path(".database"))]
-#[x_kube(validation = Rule::new("self.outbox.table == oldSelf.outbox.table").message("spec.outbox.table is immutable: the relay's slot streams that table; create a new OutboxRelay for another table").field_path(".outbox.table"))]
+#[x_kube(validation = Rule::new("has(self.outbox.table) == has(oldSelf.outbox.table) && (!has(self.outbox.table) || self.outbox.table == oldSelf.outbox.table)").message("spec.outbox.table is immutable: the relay's slot streams that table; create a new OutboxRelay for another table").field_path(".outbox.table"))]
 #[x_kube(validation = Rule::new("(has(self.replication) && has(self.replication.slotName)) == (has(oldSelf.replication) && has(oldSelf.replication.slotName)) && (!(has(self.replication) && has(self.replication.slotName)) || self.replication.slotName == oldSelf.replication.slotName)").message("spec.replication.slotName is immutable, also when it is added or removed: a new slot would start at the current WAL position and skip the old slot's unread events; create a new OutboxRelay instead").field_path(".replication.slotName"))]
 #[x_kube(validation = Rule::new("(has(self.replication) && has(self.replication.publicationName)) == (has(oldSelf.replication) && has(oldSelf.replication.publicationName)) && (!(has(self.replication) && has(self.replication.publicationName)) || self.replication.publicationName == oldSelf.replication.publicationName)").message("spec.replication.publicationName is immutable, also when it is added or removed: the slot decodes through it; create a new OutboxRelay instead").field_path(".replication.publicationName"))]
+#[x_kube(validation = Rule::new(source::IDENTITY_RULE).message(source::IDENTITY_MESSAGE).field_path(".outbox.source"))]
+#[x_kube(validation = Rule::new(source::ROUTE_RULE).message(source::ROUTE_MESSAGE).field_path(".kafka.routeBy.column"))]
 pub struct OutboxRelaySpec {
     /// The PostgreSQL database that holds the outbox table.
     pub database: DatabaseSpec,
@@ -200,10 +205,22 @@ pub struct SecretKeyRef {
 /// so an existing Debezium outbox table works unchanged.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(source::TABLE_RULE).message(source::TABLE_MESSAGE).field_path(".table"))]
+#[x_kube(validation = Rule::new(source::MESSAGES_RULE).message(source::MESSAGES_MESSAGE).field_path(".messages"))]
+#[x_kube(validation = Rule::new(source::DELETE_RULE).message(source::DELETE_MESSAGE).field_path(".deleteAfterRelay"))]
 pub struct OutboxSpec {
+    /// `Table` (default): rows inserted into `table`. `Messages`: transactional
+    /// `pg_logical_emit_message` messages (PostgreSQL 14+), no table; see `messages`.
+    #[serde(default)]
+    pub source: OutboxSource,
     /// Schema-qualified table name, e.g. `public.outbox`. Names are used exactly as written (quoted).
+    /// Required with source `Table`, absent with `Messages`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}$"))]
     pub table: String,
+    /// Prefix and emit function of source `Messages` (defaults: `outbox`, `public.outbox_emit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<MessagesSpec>,
     /// Column mapping.
     #[serde(default)]
     pub columns: ColumnMapping,

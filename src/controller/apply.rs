@@ -134,7 +134,11 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
         None => match provision(relay, ctx, &v).await {
             Ok(Provision::Bound(b)) => (
                 DatabaseObservation::Provisioned {
-                    table: v.database.table.unquoted(),
+                    // What the condition says was found: the table, or the emit function.
+                    table: match &v.database.messages {
+                        None => format!("table {} exists", v.database.table.unquoted()),
+                        Some(m) => format!("emit function {}() is in place", m.function.unquoted()),
+                    },
                     publication: v.database.publication.clone(),
                     slot_name: v.database.slot.clone(),
                     slot: b.slot,
@@ -265,13 +269,35 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
         ctx.pg_pool.get(&target.connect),
     )
     .await?;
-    timed(
-        "checking the prerequisites",
-        CHECK_TIMEOUT,
-        "",
-        postgres::check_prerequisites(&client, &target.table, &target.columns, &target.slot),
-    )
-    .await?;
+    match &target.messages {
+        None => {
+            timed(
+                "checking the prerequisites",
+                CHECK_TIMEOUT,
+                "",
+                postgres::check_prerequisites(&client, &target.table, &target.columns, &target.slot),
+            )
+            .await?;
+        }
+        // No table to check; the emit function is the applications' way in, and
+        // CREATE OR REPLACE on every pass keeps it matching the prefix.
+        Some(m) => {
+            timed(
+                "checking the prerequisites",
+                CHECK_TIMEOUT,
+                "",
+                postgres::check_message_prerequisites(&client, &target.slot),
+            )
+            .await?;
+            timed(
+                "creating the emit function",
+                CHECK_TIMEOUT,
+                "",
+                postgres::messages::ensure_emit_function(&client, &m.function, &m.prefix),
+            )
+            .await?;
+        }
+    }
     let owner = owner_of(relay);
     let t = target.binding(&owner);
     let obs = timed(

@@ -274,6 +274,7 @@ async fn delete(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<P
                     &target.publication,
                     &target.table,
                     &target.columns.id,
+                    target.messages.as_ref().map(|m| m.prefix.as_str()),
                     Some(&drain.target_lsn),
                 ),
             )
@@ -349,13 +350,22 @@ async fn report(
             EventType::Warning,
             events::DROPPED_UNRELAYED,
             "Cleanup",
-            format!(
-                "Deletion ended the drain because of {why}: {what} committed to {} before LSN {} had not reached Kafka \
-                 and were dropped with replication slot {slot:?}. They are still in the outbox table unless they were \
-                 deleted there.",
-                target.table.unquoted(),
-                drain.target_lsn
-            ),
+            match &target.messages {
+                None => format!(
+                    "Deletion ended the drain because of {why}: {what} committed to {} before LSN {} had not reached \
+                     Kafka and were dropped with replication slot {slot:?}. They are still in the outbox table unless \
+                     they were deleted there.",
+                    target.table.unquoted(),
+                    drain.target_lsn
+                ),
+                // A message lives only in the WAL the slot held: nothing keeps a copy.
+                Some(m) => format!(
+                    "Deletion ended the drain because of {why}: {what} emitted with prefix {:?} before LSN {} had not \
+                     reached Kafka and were dropped with replication slot {slot:?}. Messages have no other copy: \
+                     re-emit them from the application if they matter.",
+                    m.prefix, drain.target_lsn
+                ),
+            },
         )
         .await;
     }

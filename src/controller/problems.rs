@@ -43,11 +43,18 @@ pub fn refusal(relay: &OutboxRelay, target: &DatabaseTarget, r: &Refusal) -> Pro
         Some(lsn) => format!("after its last confirmed position {lsn}"),
         None => "since it was created".to_string(),
     };
+    // Messages have no copy outside the lost WAL: only the applications can tell what to re-emit.
+    let compare = match &target.messages {
+        None => format!("Compare the outbox table {} with the topic", target.table.unquoted()),
+        Some(m) => format!(
+            "Messages with prefix {:?} have no copy outside the lost WAL: compare the applications' records with the topic",
+            m.prefix
+        ),
+    };
     let todo = format!(
-        "Compare the outbox table {} with the topic for events committed in that range and re-publish any that \
-         are missing, then set the annotation {}=<any new value> to create a new slot at the current WAL position. \
-         The operator does not create one on its own.",
-        target.table.unquoted(),
+        "{compare} for events committed in that range and re-publish any that are missing, then set the annotation \
+         {}=<any new value> to create a new slot at the current WAL position. The operator does not create one on \
+         its own.",
         annotations::RECREATE_SLOT
     );
     match r {

@@ -99,6 +99,7 @@ pub enum DatabaseObservation {
     /// Prerequisites hold and publication and slot exist; `slot` is what the server
     /// says about the slot (`None`: dropped between provisioning and the read).
     Provisioned {
+        /// What was found besides server and role: "table X exists", or the emit function.
         table: String,
         publication: String,
         slot_name: String,
@@ -215,7 +216,7 @@ fn database_condition(db: &DatabaseObservation) -> Desired {
             true,
             reasons::PROVISIONED,
             format!(
-                "Connected; wal_level is logical, table {table} exists, publication {publication:?} and \
+                "Connected; wal_level is logical, {table}, publication {publication:?} and \
                  replication slot {slot_name:?} are in place."
             ),
         ),
@@ -374,11 +375,14 @@ fn ready_condition(
     if !worker.status {
         return not_ready(worker);
     }
-    let mut message = format!(
-        "Events flow from {} to {}.",
-        relay.spec.outbox.table,
-        relay.destination()
-    );
+    let source = match &relay.spec.outbox.messages {
+        _ if relay.spec.outbox.source == crate::api::OutboxSource::Messages => format!(
+            "messages with prefix {:?}",
+            relay.spec.outbox.messages.clone().unwrap_or_default().prefix
+        ),
+        _ => relay.spec.outbox.table.clone(),
+    };
+    let mut message = format!("Events flow from {source} to {}.", relay.destination());
     if *level == Some(LagLevel::Warning) {
         message.push(' ');
         message.push_str(&slot_cond.message);
@@ -543,7 +547,7 @@ mod tests {
 
     fn provisioned(s: Option<SlotInfo>) -> DatabaseObservation {
         DatabaseObservation::Provisioned {
-            table: "public.outbox".into(),
+            table: "table public.outbox exists".into(),
             publication: "outbox_shop_orders".into(),
             slot_name: "outbox_shop_orders".into(),
             slot: s,

@@ -14,7 +14,7 @@ use crate::api::names::{default_publication_name, default_slot_name};
 use crate::api::{ColumnMapping, OutboxRelay, OutboxRelaySpec};
 use crate::postgres::binding::{self, Owner};
 use crate::postgres::{PgConnectConfig, QualifiedTable};
-use crate::relay::config::{Credentials, RelayConfig};
+use crate::relay::config::{Credentials, MessageSource, RelayConfig};
 
 /// Longest relay name: it becomes the value of the `app.kubernetes.io/instance`
 /// label, and label values stop at 63 characters.
@@ -74,6 +74,8 @@ pub struct DatabaseTarget {
     pub connect: PgConnectConfig,
     pub table: QualifiedTable,
     pub columns: ColumnMapping,
+    /// `source: Messages`: prefix and emit function; `table` then only names the park table.
+    pub messages: Option<MessageSource>,
     pub slot: String,
     pub publication: String,
 }
@@ -86,6 +88,7 @@ impl DatabaseTarget {
             slot: &self.slot,
             publication: &self.publication,
             table: &self.table,
+            tableless: self.messages.is_some(),
         }
     }
 }
@@ -153,6 +156,7 @@ pub fn database_target(
         connect,
         table: cfg.table,
         columns: cfg.columns,
+        messages: cfg.messages,
         slot: cfg.slot,
         publication: cfg.publication,
     })

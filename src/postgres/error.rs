@@ -59,7 +59,7 @@ pub enum PgError {
     )]
     ServerIsStandby,
 
-    #[error("PostgreSQL {version} is not supported; version 13 or later is required")]
+    #[error("PostgreSQL {version} is not supported; version 13 or later is required (14 or later for source Messages)")]
     UnsupportedServerVersion { version: String },
 
     #[error(

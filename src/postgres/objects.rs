@@ -119,26 +119,26 @@ fn publication_ddl_error(action: &'static str, table: &QualifiedTable, e: tokio_
 /// Two callers creating the same object: the loser gets `duplicate_object` when the
 /// winner had committed before its check, or `unique_violation` (from the catalog's
 /// unique index) when both passed the check and the loser waited on the winner's commit.
-fn lost_creation_race(e: &tokio_postgres::Error) -> bool {
+pub(super) fn lost_creation_race(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::DUPLICATE_OBJECT) || e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
-struct PublicationState {
-    all_tables: bool,
-    insert: bool,
-    update: bool,
-    delete: bool,
-    truncate: bool,
-    via_root: bool,
+pub(super) struct PublicationState {
+    pub(super) all_tables: bool,
+    pub(super) insert: bool,
+    pub(super) update: bool,
+    pub(super) delete: bool,
+    pub(super) truncate: bool,
+    pub(super) via_root: bool,
     /// (schema, table) of each listed table.
-    tables: Vec<(String, String)>,
+    pub(super) tables: Vec<(String, String)>,
     /// Some listed table has a row filter or a column list (PostgreSQL 15+).
-    filtered: bool,
+    pub(super) filtered: bool,
     /// Schemas published with `TABLES IN SCHEMA` (PostgreSQL 15+).
-    schemas: i64,
+    pub(super) schemas: i64,
 }
 
-async fn read_publication(client: &Client, name: &str) -> Result<Option<PublicationState>, PgError> {
+pub(super) async fn read_publication(client: &Client, name: &str) -> Result<Option<PublicationState>, PgError> {
     let action = "read the publication";
     let Some(row) = client
         .query_opt(

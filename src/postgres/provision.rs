@@ -56,6 +56,24 @@ pub async fn check_prerequisites(
     columns: &ColumnMapping,
     slot_name: &str,
 ) -> Result<Prerequisites, PgError> {
+    check(client, Some((table, columns)), slot_name).await
+}
+
+/// The same checks for `source: Messages`: no table to look at, but a server of
+/// version 14+ (pgoutput's `messages` option). `gen_random_uuid()`, which the emit
+/// function uses, is built in from 13 on.
+pub async fn check_message_prerequisites(client: &Client, slot_name: &str) -> Result<Prerequisites, PgError> {
+    check(client, None, slot_name).await
+}
+
+/// Oldest server whose pgoutput sends logical decoding messages.
+pub const MIN_MESSAGES_VERSION_NUM: i32 = 140_000;
+
+async fn check(
+    client: &Client,
+    table: Option<(&QualifiedTable, &ColumnMapping)>,
+    slot_name: &str,
+) -> Result<Prerequisites, PgError> {
     validate_slot_name(slot_name)?;
     let action = "read server settings";
     let row = client
@@ -98,7 +116,12 @@ pub async fn check_prerequisites(
     if in_recovery {
         return Err(PgError::ServerIsStandby);
     }
-    if server_version_num < MIN_SERVER_VERSION_NUM {
+    let min = if table.is_some() {
+        MIN_SERVER_VERSION_NUM
+    } else {
+        MIN_MESSAGES_VERSION_NUM
+    };
+    if server_version_num < min {
         return Err(PgError::UnsupportedServerVersion {
             version: server_version,
         });
@@ -107,7 +130,10 @@ pub async fn check_prerequisites(
         return Err(PgError::WalLevelNotLogical { actual: wal_level });
     }
 
-    let table_partitioned = check_table(client, table, columns).await?;
+    let table_partitioned = match table {
+        Some((table, columns)) => check_table(client, table, columns).await?,
+        None => false,
+    };
 
     if !(is_superuser || can_replicate) {
         return Err(PgError::InsufficientPrivilege {

@@ -30,6 +30,12 @@ pub mod env {
     pub const SKIP_EVENT: &str = "OUTBOX_SKIP_EVENT";
 }
 
+// Resolving `spec.outbox.source` lives in a file of its own; it is still this module's code.
+#[path = "config_source.rs"]
+mod source;
+pub use source::MessageSource;
+use source::source;
+
 /// Annotation naming the one event to skip (park) to get past a Stop.
 pub const SKIP_EVENT_ANNOTATION: &str = "outbox.dev/skip-event";
 
@@ -61,6 +67,8 @@ pub enum ConfigError {
     ForbiddenProducerKey(String),
     #[error("spec.outbox.columns: {0}")]
     InvalidColumns(String),
+    #[error("spec.outbox: {0}")]
+    InvalidSource(String),
 }
 
 impl ConfigError {
@@ -219,7 +227,12 @@ pub struct RelayConfig {
     pub publication: String,
     /// SQL connection (only used for `deleteAfterRelay`).
     pub sql: PgConnectConfig,
+    /// The outbox table. With `source: Messages` there is none, and this is only the
+    /// name the park table derives from: `<function schema>.<slot name>`, never read
+    /// or published (see [`RelayConfig::messages`]).
     pub table: QualifiedTable,
+    /// `source: Messages`: the prefix to relay and the emit function. `None`: the table.
+    pub messages: Option<MessageSource>,
     pub columns: ColumnMapping,
     pub destination: Destination,
     /// CloudEvents binary-mode headers, when `spec.kafka.cloudEvents` is set.
@@ -244,7 +257,12 @@ impl RelayConfig {
         spec: &OutboxRelaySpec,
         creds: &Credentials,
     ) -> Result<Self, ConfigError> {
-        let table = QualifiedTable::parse(&spec.outbox.table).map_err(|e| ConfigError::InvalidTable(e.to_string()))?;
+        let slot = spec
+            .replication
+            .slot_name
+            .clone()
+            .unwrap_or_else(|| default_slot_name(namespace, name));
+        let (table, messages) = source(spec, &slot)?;
         let destination = match (&spec.kafka.topic, &spec.kafka.route_by) {
             (Some(t), _) => Destination::Static(t.clone()),
             (None, Some(r)) => {
@@ -282,11 +300,7 @@ impl RelayConfig {
             namespace: namespace.to_string(),
             name: name.to_string(),
             replication,
-            slot: spec
-                .replication
-                .slot_name
-                .clone()
-                .unwrap_or_else(|| default_slot_name(namespace, name)),
+            slot,
             publication: spec
                 .replication
                 .publication_name
@@ -294,6 +308,7 @@ impl RelayConfig {
                 .unwrap_or_else(|| default_publication_name(namespace, name)),
             sql,
             table,
+            messages,
             columns: spec.outbox.columns.clone(),
             destination,
             cloud_events: spec
@@ -408,6 +423,55 @@ mod tests {
         let c = RelayConfig::from_spec("a", "b", &s, &creds()).unwrap();
         assert_eq!(c.slot, "my_slot");
         assert!(matches!(c.destination, Destination::Routed { .. }));
+    }
+
+    fn messages_spec() -> OutboxRelaySpec {
+        serde_json::from_value(serde_json::json!({
+            "database": {"host": "db", "database": "shop", "credentialsSecretRef": {"name": "pg"}},
+            "outbox": {"source": "Messages", "messages": {"function": "app.emit"}},
+            "kafka": {"bootstrapServers": "k:9092", "topic": "orders"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn messages_need_no_table_and_park_by_slot() {
+        let c = RelayConfig::from_spec("shop", "orders", &messages_spec(), &creds()).unwrap();
+        let m = c.messages.as_ref().unwrap();
+        assert_eq!(m.prefix, "outbox");
+        assert_eq!(m.function.unquoted(), "app.emit");
+        // The park table is named from the slot, in the function's schema.
+        assert_eq!(c.table.unquoted(), "app.outbox_shop_orders");
+        assert!(c.messages.is_some() && !c.delete_after_relay);
+        assert!(
+            RelayConfig::from_spec("a", "b", &spec(), &creds())
+                .unwrap()
+                .messages
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn messages_refuse_what_they_would_ignore() {
+        let mut s = messages_spec();
+        s.outbox.table = "public.outbox".into();
+        assert!(matches!(
+            RelayConfig::from_spec("a", "b", &s, &creds()).unwrap_err(),
+            ConfigError::InvalidSource(_)
+        ));
+        let mut s = messages_spec();
+        s.outbox.delete_after_relay = true;
+        assert!(RelayConfig::from_spec("a", "b", &s, &creds()).is_err());
+        let mut s = messages_spec();
+        s.kafka.topic = None;
+        s.kafka.route_by = Some(RouteBy {
+            column: "kind".into(),
+            topic_template: "ev.${routedByValue}".into(),
+        });
+        assert!(RelayConfig::from_spec("a", "b", &s, &creds()).is_err());
+        let mut s = spec();
+        s.outbox.messages = Some(MessagesSpec::default());
+        assert!(RelayConfig::from_spec("a", "b", &s, &creds()).is_err());
     }
 
     #[test]

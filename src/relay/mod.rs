@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod error;
 pub mod lsn;
 pub mod mapping;
+pub mod message;
 pub mod park;
 pub mod pgoutput;
 pub mod replication;

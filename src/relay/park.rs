@@ -8,7 +8,9 @@
 //!
 //! The table is created by the worker the first time it parks something
 //! (`CREATE TABLE IF NOT EXISTS`), in the outbox table's schema, named
-//! `<outbox table>_parked`. A role without CREATE on that schema fails the park
+//! `<outbox table>_parked`; a tableless relay (`source: Messages`) has no table and
+//! uses the emit function's schema and `<slot name>_parked` (the relay config hands
+//! that over as the "table"). A role without CREATE on that schema fails the park
 //! (and so stops the relay, confirming nothing past the event) with a message
 //! saying so; a DBA can create the table beforehand with [`ddl`].
 

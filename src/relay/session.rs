@@ -35,8 +35,9 @@ use super::config::RelayConfig;
 use super::core::{self, Action, CoreConfig, CoreError, DeliveryCore, Input, Row};
 use super::lsn::Lsn;
 use super::mapping::Mapper;
+use super::message::{self, Disposition, MessageMapper};
 use super::park::Parker;
-use super::pgoutput::{self, PgOutputMessage, PgTimestamp, TupleData};
+use super::pgoutput::{self, LogicalMessage, PgOutputMessage, PgTimestamp, TupleData};
 use super::replication::{ReplicationConnection, ReplicationMessage, ReplicationReader, ReplicationWriter};
 use super::state::{Phase, RelayState};
 use crate::kafka::{self, BrokerHealth, DeliveryErrorKind, DeliveryReport, RelayProducerContext};
@@ -76,13 +77,13 @@ pub async fn run(
     let backend_pid = conn.backend_pid();
     let publication = super::replication::publication_names(&[cfg.publication.as_str()])?;
     // Lsn::ZERO: resume from the slot's confirmed position, wherever that is.
-    let stream = conn
-        .start_logical(
-            &cfg.slot,
-            Lsn::ZERO,
-            &[("proto_version", "1"), ("publication_names", &publication)],
-        )
-        .await?;
+    let mut options = vec![("proto_version", "1"), ("publication_names", publication.as_str())];
+    if cfg.messages.is_some() {
+        // Logical decoding messages are sent only on request (PostgreSQL 14+);
+        // transactional ones arrive inside their transaction, like rows.
+        options.push(("messages", "true"));
+    }
+    let stream = conn.start_logical(&cfg.slot, Lsn::ZERO, &options).await?;
     let (reader, writer) = stream.split();
 
     let (report_tx, reports) = mpsc::unbounded_channel();
@@ -122,6 +123,10 @@ pub async fn run(
         spare: Vec::new(),
         parker,
         mapper: None,
+        messages: cfg
+            .messages
+            .as_ref()
+            .map(|_| MessageMapper::new(&cfg.destination, cfg.cloud_events.as_ref())),
         commit_time: PgTimestamp(0),
         outbox_relation: None,
         outbox_columns: Vec::new(),
@@ -178,6 +183,8 @@ struct Session<'a> {
     actions: Vec<Action>,
     parker: Parker,
     mapper: Option<Mapper>,
+    /// `source: Messages`: maps messages with the relay's prefix.
+    messages: Option<MessageMapper>,
     /// Commit time of the transaction being read (from its Begin).
     commit_time: PgTimestamp,
     outbox_relation: Option<u32>,
@@ -318,7 +325,9 @@ impl Session<'_> {
                 })
                 .await?;
             }
-            PgOutputMessage::Relation(r) if r.namespace == self.cfg.table.schema && r.name == self.cfg.table.name => {
+            PgOutputMessage::Relation(r)
+                if self.messages.is_none() && r.namespace == self.cfg.table.schema && r.name == self.cfg.table.name =>
+            {
                 self.mapper = Some(
                     Mapper::new(
                         &r,
@@ -362,9 +371,50 @@ impl Session<'_> {
             PgOutputMessage::Commit(c) => {
                 self.feed(Input::Commit { end_lsn: c.end_lsn }).await?;
             }
+            PgOutputMessage::Message(m) if self.messages.is_some() => self.on_message(m).await?,
             // Updates, deletes and truncates are never events (the publication
             // does not even send them); other messages carry nothing we need.
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// A logical decoding message (`source: Messages`): an event of its transaction
+    /// when it is transactional and has our prefix, through the same core as rows.
+    async fn on_message(&mut self, m: LogicalMessage) -> Result<(), RelayError> {
+        let prefix = self.cfg.messages.as_ref().map_or("", |s| s.prefix.as_str());
+        match message::disposition(&m, prefix) {
+            Disposition::NotOurs => return Ok(()),
+            Disposition::Refused => {
+                // Written outside any transaction's fate: relaying it could publish an
+                // event whose business change rolled back. Never silently, though.
+                self.metrics.refused_messages.inc();
+                warn!(lsn = %m.lsn, prefix = %m.prefix, bytes = m.content.len(),
+                    "refused a non-transactional message with the relay's prefix: only pg_logical_emit_message(true, ...) is relayed");
+                return Ok(());
+            }
+            Disposition::Relay => {}
+        }
+        let mapped = match self.messages.as_mut() {
+            Some(mapper) => mapper.map(&m.content, self.commit_time),
+            None => return Ok(()),
+        };
+        let row = match mapped {
+            Ok(mapped) => self.checked(mapped.record).await,
+            Err(e) => {
+                let (event_id, row) = message::raw_row(&m);
+                Row::Unmapped {
+                    event_id,
+                    row,
+                    kind: e.category(),
+                    reason: e.to_string(),
+                }
+            }
+        };
+        let was_idle = self.core.in_flight() == 0;
+        self.feed(Input::Insert(row)).await?;
+        if was_idle && self.core.in_flight() > 0 {
+            self.last_progress = Instant::now();
         }
         Ok(())
     }

@@ -33,6 +33,8 @@ pub struct Target<'a> {
     pub slot: &'a str,
     pub publication: &'a str,
     pub table: &'a QualifiedTable,
+    /// `source: Messages`: the publication lists no table (`table` is unused).
+    pub tableless: bool,
 }
 
 /// Reads the server's identity, the relay's publication and slot, and every
@@ -97,7 +99,11 @@ pub async fn bind(
     steps: Steps,
     now: &Time,
 ) -> Result<Bound, PgError> {
-    objects::ensure_publication(client, t.publication, t.table).await?;
+    if t.tableless {
+        super::messages::ensure_publication(client, t.publication).await?;
+    } else {
+        objects::ensure_publication(client, t.publication, t.table).await?;
+    }
     let mut marker = Marker {
         uid: t.owner.uid.clone(),
         namespace: t.owner.namespace.clone(),

@@ -60,13 +60,22 @@ pub async fn pending_events(
     publication: &str,
     table: &QualifiedTable,
     id_column: &str,
+    message_prefix: Option<&str>,
     upto_lsn: Option<&str>,
 ) -> Result<Pending, PgError> {
     let action = "peek at the replication slot's pending changes";
+    // With a message prefix (`source: Messages`) the events are messages, which
+    // pgoutput sends only when asked (an option servers before 14 do not know).
+    let sql = if message_prefix.is_some() {
+        "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+         'proto_version', '1', 'publication_names', $4, 'messages', 'true')"
+    } else {
+        "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+         'proto_version', '1', 'publication_names', $4)"
+    };
     let rows = client
         .query_raw(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
-             'proto_version', '1', 'publication_names', $4)",
+            sql,
             [
                 &slot as &(dyn tokio_postgres::types::ToSql + Sync),
                 &upto_lsn,
@@ -89,7 +98,17 @@ pub async fn pending_events(
             continue;
         };
         match msg {
-            PgOutputMessage::Relation(r) if r.namespace == table.schema && r.name == table.name => {
+            // Transactional only: the relay refuses the others, so they are not pending.
+            PgOutputMessage::Message(m) if message_prefix == Some(m.prefix.as_str()) && m.transactional() => {
+                out.events += 1;
+                if out.first_ids.len() < MAX_NAMED {
+                    let (id, _) = crate::relay::message::raw_row(&m);
+                    out.first_ids.push(id.unwrap_or_else(|| "<no id>".into()));
+                }
+            }
+            PgOutputMessage::Relation(r)
+                if message_prefix.is_none() && r.namespace == table.schema && r.name == table.name =>
+            {
                 outbox = Some((r.id, r.columns.iter().position(|c| c.name == id_column)));
             }
             PgOutputMessage::Insert(i) if outbox.is_some_and(|(id, _)| id == i.relation_id) => {

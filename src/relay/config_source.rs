@@ -1,0 +1,77 @@
+//! `spec.outbox.source`: the outbox table, or the settings of a tableless relay.
+
+use super::ConfigError;
+use crate::api::{OutboxRelaySpec, OutboxSource};
+use crate::postgres::QualifiedTable;
+
+/// The resolved settings of `source: Messages`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageSource {
+    pub prefix: String,
+    /// The SQL function applications call to emit an event.
+    pub function: QualifiedTable,
+}
+
+/// The outbox table, or for messages the park table's base name and the message
+/// settings. The API server checks the same rules (CEL); a spec file never passed it.
+pub(super) fn source(
+    spec: &OutboxRelaySpec,
+    slot: &str,
+) -> Result<(QualifiedTable, Option<MessageSource>), ConfigError> {
+    let o = &spec.outbox;
+    match o.source {
+        OutboxSource::Table => {
+            if o.messages.is_some() {
+                return Err(ConfigError::InvalidSource(
+                    "messages is only read with source Messages: remove it or set source: Messages".into(),
+                ));
+            }
+            let table = QualifiedTable::parse(&o.table).map_err(|e| ConfigError::InvalidTable(e.to_string()))?;
+            Ok((table, None))
+        }
+        OutboxSource::Messages => {
+            if !o.table.is_empty() {
+                return Err(ConfigError::InvalidSource(
+                    "source Messages reads no table: leave spec.outbox.table out".into(),
+                ));
+            }
+            if o.delete_after_relay {
+                return Err(ConfigError::InvalidSource(
+                    "deleteAfterRelay needs a table: messages leave nothing behind to delete".into(),
+                ));
+            }
+            if let Some(r) = &spec.kafka.route_by
+                && r.column != "aggregatetype"
+            {
+                return Err(ConfigError::InvalidSource(
+                    "with source Messages, routeBy routes by the envelope's aggregateType: leave routeBy.column unset"
+                        .into(),
+                ));
+            }
+            let m = o.messages.clone().unwrap_or_default();
+            let prefix_ok = (1..=64).contains(&m.prefix.len())
+                && m.prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+            if !prefix_ok {
+                return Err(ConfigError::InvalidSource(format!(
+                    "messages.prefix {:?} must be 1 to 64 of A-Z a-z 0-9 . _ : -",
+                    m.prefix
+                )));
+            }
+            let function = QualifiedTable::parse(&m.function)
+                .map_err(|e| ConfigError::InvalidSource(format!("messages.function: {e}")))?;
+            let park_base = QualifiedTable {
+                schema: function.schema.clone(),
+                name: slot.to_string(),
+            };
+            Ok((
+                park_base,
+                Some(MessageSource {
+                    prefix: m.prefix,
+                    function,
+                }),
+            ))
+        }
+    }
+}
