@@ -8,6 +8,7 @@
 pub mod annotations;
 pub mod conditions;
 pub mod names;
+pub mod partitions;
 pub mod reference;
 
 use std::collections::BTreeMap;
@@ -212,6 +213,10 @@ pub struct OutboxSpec {
     /// carries the insert, and the table never grows).
     #[serde(default)]
     pub delete_after_relay: bool,
+    /// Time partitions the operator creates ahead and drops once relayed and past
+    /// retention (the table must be partitioned by range on a `timestamptz` column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<partitions::PartitionsSpec>,
 }
 
 /// Names of the outbox table's columns.
@@ -692,6 +697,10 @@ pub struct OutboxRelayStatus {
     /// written by the worker. The event itself is in the park table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_skipped_event: Option<String>,
+    /// Partition management (`spec.outbox.partitions`): what is attached and what
+    /// waits to be dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<partitions::PartitionsStatus>,
 }
 
 /// The relay's PostgreSQL objects and the identity of its slot, recorded when the

@@ -12,6 +12,7 @@ pub mod connect;
 pub mod error;
 pub mod ident;
 pub mod objects;
+pub mod partitions;
 pub mod provision;
 pub mod slot;
 pub mod tls;
