@@ -57,7 +57,12 @@ async fn confirmed(fx: &Fixture) -> Option<Lsn> {
 async fn pass(fx: &Fixture, client: &tokio_postgres::Client, now: i64) -> partitions::Report {
     let before = partitions::read(client, &outbox()).await.expect("read partitions");
     let c = confirmed(fx).await;
-    let report = partitions::manage(client, &outbox(), &spec(), c, now)
+    // The slot was made just now, in real time: long before the test's 2030 clock.
+    let slot = partitions::SlotFacts {
+        confirmed: c,
+        created_at: Some(T0 - 24 * H),
+    };
+    let report = partitions::manage(client, &outbox(), &spec(), slot, now)
         .await
         .expect("partition pass");
     for name in &report.dropped {

@@ -59,7 +59,9 @@ pub struct PartitionsStatus {
     /// Partitions attached to the table (the current one, upcoming ones, and those
     /// still within retention).
     pub attached: u32,
-    /// Detached partitions waiting to be dropped, and why they wait.
+    /// Partitions past retention that are not dropped yet, and why: detached ones
+    /// waiting for the slot to confirm them, or ones kept because their range
+    /// starts before the slot was created.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retiring: Vec<RetiringPartition>,
     /// The last pass's failure, `<category>: <message>`; absent when it succeeded.
@@ -67,14 +69,14 @@ pub struct PartitionsStatus {
     pub error: Option<String>,
 }
 
-/// A detached partition that is not dropped yet.
+/// A partition past retention that is not dropped yet.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetiringPartition {
-    /// The detached table, in the outbox table's schema.
+    /// The table, in the outbox table's schema.
     pub name: String,
-    /// The WAL position recorded right after the detach; the table is dropped once
-    /// the slot's confirmed position reached it.
+    /// For a detached one: the WAL position recorded right after the detach; the
+    /// table is dropped once the slot's confirmed position reached it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detached_at_lsn: Option<String>,
     /// Why it is still there.

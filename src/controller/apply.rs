@@ -310,15 +310,18 @@ async fn manage_partitions(
     bound: &Bound,
 ) -> Option<crate::api::partitions::PartitionsStatus> {
     let spec = relay.spec.outbox.partitions.as_ref()?;
-    let confirmed = bound
-        .slot
-        .as_ref()
-        .and_then(|s| s.confirmed_flush_lsn.as_deref())
-        .and_then(|l| l.parse().ok());
+    let slot = postgres::partitions::SlotFacts {
+        confirmed: bound
+            .slot
+            .as_ref()
+            .and_then(|s| s.confirmed_flush_lsn.as_deref())
+            .and_then(|l| l.parse().ok()),
+        created_at: bound.identity.slot_created_at.as_ref().map(|t| t.0.as_second()),
+    };
     let now = super::status::now().0.as_second();
     let pass = tokio::time::timeout(
         CHECK_TIMEOUT,
-        postgres::partitions::manage(client, &v.database.table, spec, confirmed, now),
+        postgres::partitions::manage(client, &v.database.table, spec, slot, now),
     )
     .await;
     let failure = match pass {

@@ -21,7 +21,7 @@ use super::error::{col, query_error};
 use super::ident::{QualifiedTable, quote_ident, quote_literal};
 use crate::api::partitions::{PartitionInterval, PartitionsSpec, PartitionsStatus, RetiringPartition, parse_retention};
 use crate::relay::lsn::Lsn;
-pub use plan::{Partition, Plan, Policy, State, Step, Waiting};
+pub use plan::{Partition, Plan, Policy, SlotFacts, State, Step, Waiting};
 
 /// Rows dated this far past a range's end still find their partition attached.
 pub const GRACE_SECONDS: i64 = 300;
@@ -63,6 +63,8 @@ impl PartitionError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
     pub attached: usize,
+    /// Partitions past retention kept (see [`plan`] rule 5), and detached ones
+    /// waiting to be dropped.
     pub created: Vec<String>,
     pub detached: Vec<String>,
     pub dropped: Vec<String>,
@@ -100,18 +102,18 @@ pub fn policy(spec: &PartitionsSpec) -> Policy {
     }
 }
 
-/// One pass: read, [`plan::plan`], carry out. `confirmed` is the slot's
-/// `confirmed_flush_lsn`; `now` is seconds since 1970.
+/// One pass: read, [`plan::plan`], carry out. `slot` is what the relay's slot
+/// says; `now` is seconds since 1970.
 pub async fn manage(
     client: &Client,
     table: &QualifiedTable,
     spec: &PartitionsSpec,
-    confirmed: Option<Lsn>,
+    slot: SlotFacts,
     now: i64,
 ) -> Result<Report, PartitionError> {
     check_table(client, table, &spec.column).await?;
     let existing = read(client, table).await?;
-    let plan = plan::plan(now, &policy(spec), &existing, confirmed);
+    let plan = plan::plan(now, &policy(spec), &existing, slot);
     let mut report = Report {
         attached: existing.iter().filter(|p| p.state == State::Attached).count(),
         waiting: plan.waiting,

@@ -13,6 +13,12 @@
 //!    record: the relay then confirmed (delivered or parked) every transaction
 //!    that committed before the detach, so every row in it.
 //!
+//! 5. A partition whose range starts before the slot was created (less the grace)
+//!    is never retired: it may hold rows committed before the slot existed, which
+//!    this slot never streamed (a first install's old rows, or those of the window
+//!    a lost slot left before it was recreated). Its rows may be the only copy of
+//!    such events; a DBA drops it by hand after checking.
+//!
 //! A detached table without a recorded position (the operator stopped between the
 //! detach and the record) gets one recorded now: any later position is an upper
 //! bound too, so late recording only delays the drop.
@@ -87,9 +93,20 @@ pub fn floor(t: i64, interval: i64) -> i64 {
     t.div_euclid(interval) * interval
 }
 
-/// The decision. `confirmed` is the slot's `confirmed_flush_lsn` (`None`: no slot,
-/// or it never confirmed anything; then nothing is dropped).
-pub fn plan(now: i64, policy: &Policy, existing: &[Partition], confirmed: Option<Lsn>) -> Plan {
+/// What the slot says, for [`plan`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotFacts {
+    /// `confirmed_flush_lsn`; `None`: no slot, or it never confirmed anything (then
+    /// nothing is dropped).
+    pub confirmed: Option<Lsn>,
+    /// When the slot was created, seconds since 1970; `None`: unknown (an adopted
+    /// slot), and then nothing is retired.
+    pub created_at: Option<i64>,
+}
+
+/// The decision.
+pub fn plan(now: i64, policy: &Policy, existing: &[Partition], slot: SlotFacts) -> Plan {
+    let confirmed = slot.confirmed;
     let mut out = Plan::default();
     let attached: Vec<&Partition> = existing.iter().filter(|p| p.state == State::Attached).collect();
 
@@ -107,8 +124,21 @@ pub fn plan(now: i64, policy: &Policy, existing: &[Partition], confirmed: Option
     for p in &attached {
         let closed = p.to.saturating_add(policy.grace) <= now;
         let expired = p.to.saturating_add(policy.retention) <= now;
-        if closed && expired {
-            out.steps.push(Step::Detach { name: p.name.clone() });
+        if !(closed && expired) {
+            continue;
+        }
+        match slot.created_at {
+            Some(created) if p.from >= created.saturating_sub(policy.grace) => {
+                out.steps.push(Step::Detach { name: p.name.clone() })
+            }
+            created => out.waiting.push(Waiting {
+                name: p.name.clone(),
+                detached_at: None,
+                reason: match created {
+                    Some(_) => "past retention but kept: its range starts before the relay's slot was created, so it may hold events the slot never streamed; drop it by hand after checking".into(),
+                    None => "past retention but kept: the slot's creation time is unknown (an adopted slot), so it may hold events the slot never streamed; drop it by hand after checking".into(),
+                },
+            }),
         }
     }
 
@@ -161,6 +191,14 @@ mod tests {
         }
     }
 
+    /// A slot created at 00:00 that confirmed `lsn`.
+    fn slot(lsn: Option<u64>) -> SlotFacts {
+        SlotFacts {
+            confirmed: lsn.map(Lsn::new),
+            created_at: Some(0),
+        }
+    }
+
     fn detached(name: &str, lsn: Option<u64>) -> Partition {
         Partition {
             name: name.into(),
@@ -173,7 +211,7 @@ mod tests {
     #[test]
     fn an_empty_table_gets_the_current_and_upcoming_partitions() {
         let now = 10 * H + 42;
-        let p = plan(now, &policy(), &[], None);
+        let p = plan(now, &policy(), &[], slot(None));
         assert_eq!(
             p.steps,
             [10, 11, 12].map(|h| Step::Create {
@@ -192,9 +230,9 @@ mod tests {
             to: 24 * H,
             state: State::Attached,
         };
-        let p = plan(10 * H, &policy(), &[daily], None);
+        let p = plan(10 * H, &policy(), &[daily], slot(None));
         assert!(p.steps.is_empty(), "{p:?}");
-        let p = plan(10 * H, &policy(), &[attached("a", 10), attached("b", 12)], None);
+        let p = plan(10 * H, &policy(), &[attached("a", 10), attached("b", 12)], slot(None));
         assert_eq!(
             p.steps,
             [Step::Create {
@@ -213,7 +251,7 @@ mod tests {
             attached("h10", 10),
         ];
         // At 11:00, h8 ended 2h ago (= retention): detach; h9 ended 1h ago: keep.
-        let p = plan(11 * H, &policy(), &parts, None);
+        let p = plan(11 * H, &policy(), &parts, slot(None));
         let detached: Vec<_> = p.steps.iter().filter(|s| matches!(s, Step::Detach { .. })).collect();
         assert_eq!(
             detached,
@@ -229,9 +267,9 @@ mod tests {
         };
         // h9 ended at 10:00; within the 5-minute grace it stays attached.
         let parts = [attached("h9", 9), attached("h10", 10)];
-        let p = plan(10 * H + 299, &zero, &parts, None);
+        let p = plan(10 * H + 299, &zero, &parts, slot(None));
         assert!(!p.steps.iter().any(|s| matches!(s, Step::Detach { .. })), "{p:?}");
-        let p = plan(10 * H + 300, &zero, &parts, None);
+        let p = plan(10 * H + 300, &zero, &parts, slot(None));
         assert!(p.steps.contains(&Step::Detach { name: "h9".into() }), "{p:?}");
         // The current partition never, whatever the clock says about retention.
         assert!(!p.steps.contains(&Step::Detach { name: "h10".into() }));
@@ -241,13 +279,21 @@ mod tests {
     fn drops_only_once_the_slot_confirmed_the_detach_position() {
         let parts = [detached("old", Some(0x5000))];
         for confirmed in [None, Some(Lsn::new(0x4fff))] {
-            let p = plan(10 * H, &policy(), &parts, confirmed);
+            let p = plan(
+                10 * H,
+                &policy(),
+                &parts,
+                SlotFacts {
+                    confirmed,
+                    created_at: Some(0),
+                },
+            );
             assert!(!p.steps.iter().any(|s| matches!(s, Step::Drop { .. })), "{p:?}");
             assert_eq!(p.waiting.len(), 1);
             assert_eq!(p.waiting[0].detached_at, Some(Lsn::new(0x5000)));
         }
         for confirmed in [0x5000, 0x9000] {
-            let p = plan(10 * H, &policy(), &parts, Some(Lsn::new(confirmed)));
+            let p = plan(10 * H, &policy(), &parts, slot(Some(confirmed)));
             assert!(p.steps.contains(&Step::Drop { name: "old".into() }), "{p:?}");
             assert!(p.waiting.is_empty());
         }
@@ -255,7 +301,7 @@ mod tests {
 
     #[test]
     fn a_detached_table_without_a_record_gets_one_and_is_not_dropped() {
-        let p = plan(10 * H, &policy(), &[detached("old", None)], Some(Lsn::new(u64::MAX)));
+        let p = plan(10 * H, &policy(), &[detached("old", None)], slot(Some(u64::MAX)));
         assert!(p.steps.contains(&Step::RecordLsn { name: "old".into() }));
         assert!(!p.steps.iter().any(|s| matches!(s, Step::Drop { .. })));
         assert_eq!(p.waiting[0].name, "old");
@@ -264,8 +310,28 @@ mod tests {
     #[test]
     fn attached_partitions_are_never_dropped() {
         let parts = [attached("h1", 1), attached("h2", 2)];
-        let p = plan(100 * H, &policy(), &parts, Some(Lsn::new(u64::MAX)));
+        let p = plan(100 * H, &policy(), &parts, slot(Some(u64::MAX)));
         assert!(!p.steps.iter().any(|s| matches!(s, Step::Drop { .. })), "{p:?}");
+    }
+
+    #[test]
+    fn partitions_older_than_the_slot_are_kept_and_said_so() {
+        let parts = [attached("h1", 1), attached("h2", 2), attached("h3", 3)];
+        // The slot was created at 02:30: hour 1 predates it, hour 2 began before it
+        // too (rows from 02:00 to 02:30 were never streamed), hour 3 is after.
+        let facts = SlotFacts {
+            confirmed: None,
+            created_at: Some(2 * H + 1_800),
+        };
+        let p = plan(100 * H, &policy(), &parts, facts);
+        assert_eq!(p.steps.iter().filter(|s| matches!(s, Step::Detach { .. })).count(), 1);
+        assert!(p.steps.contains(&Step::Detach { name: "h3".into() }), "{p:?}");
+        let kept: Vec<_> = p.waiting.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(kept, ["h1", "h2"]);
+        // Unknown creation: nothing retired.
+        let p = plan(100 * H, &policy(), &parts, SlotFacts::default());
+        assert!(!p.steps.iter().any(|s| matches!(s, Step::Detach { .. })), "{p:?}");
+        assert_eq!(p.waiting.len(), 3);
     }
 
     #[test]
