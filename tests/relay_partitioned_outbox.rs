@@ -43,7 +43,7 @@ fn day(d: usize) -> String {
 /// standalone table attached afterwards (how a DBA pre-loads or moves one in).
 async fn create_partition(client: &tokio_postgres::Client, d: usize) {
     let (from, to) = (day(d), day(d + 1));
-    let sql = if d % 2 == 0 {
+    let sql = if d.is_multiple_of(2) {
         format!("CREATE TABLE public.outbox_d{d} PARTITION OF public.outbox FOR VALUES FROM ({from}) TO ({to})")
     } else {
         format!(

@@ -242,6 +242,8 @@ pub async fn get_deployment(client: &Client, namespace: &str, name: &str) -> Res
 }
 
 /// What provisioning decided.
+// Made once per reconcile and taken apart right away: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Provision {
     /// Bound, with the partition manager's pass when `spec.outbox.partitions` is set.
     Bound(Bound, Option<crate::api::partitions::PartitionsStatus>),
