@@ -197,6 +197,8 @@ pub struct OperatorMetrics {
     pub slot_lost: Family<RelayLabels, Gauge>,
     pub conflict: Family<RelayLabels, Gauge>,
     pub ready: Family<RelayLabels, Gauge>,
+    pub partitions_attached: Family<RelayLabels, Gauge>,
+    pub partitions_retiring: Family<RelayLabels, Gauge>,
     pub deletions_dropped_unrelayed: Counter,
     pub unrelayed_events_dropped: Counter,
     registry: Arc<Registry>,
@@ -217,6 +219,8 @@ pub struct RelayGauges {
     /// rule compares every relay's lag with that relay's budget.
     pub lag_warning_bytes: i64,
     pub lag_critical_bytes: i64,
+    /// With `spec.outbox.partitions`: (attached, detached and waiting to be dropped).
+    pub partitions: Option<(i64, i64)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -251,6 +255,8 @@ impl OperatorMetrics {
         let slot_lost = Family::<RelayLabels, Gauge>::default();
         let conflict = Family::<RelayLabels, Gauge>::default();
         let ready = Family::<RelayLabels, Gauge>::default();
+        let partitions_attached = Family::<RelayLabels, Gauge>::default();
+        let partitions_retiring = Family::<RelayLabels, Gauge>::default();
         let deletions_dropped_unrelayed = Counter::default();
         let unrelayed_events_dropped = Counter::default();
 
@@ -325,6 +331,16 @@ impl OperatorMetrics {
         );
         r.register("ready", "1 while the relay's Ready condition is True", ready.clone());
         r.register(
+            "partitions_attached",
+            "Partitions attached to the relay's outbox table (with spec.outbox.partitions)",
+            partitions_attached.clone(),
+        );
+        r.register(
+            "partitions_retiring",
+            "Detached partitions waiting for the slot to confirm their events before they are dropped",
+            partitions_retiring.clone(),
+        );
+        r.register(
             "deletions_dropped_unrelayed",
             "Deletions that dropped a slot before everything in it was relayed (forced or timed out)",
             deletions_dropped_unrelayed.clone(),
@@ -350,6 +366,8 @@ impl OperatorMetrics {
             slot_lost,
             conflict,
             ready,
+            partitions_attached,
+            partitions_retiring,
             deletions_dropped_unrelayed,
             unrelayed_events_dropped,
             registry: Arc::new(r),
@@ -385,6 +403,10 @@ impl OperatorMetrics {
         self.conflict.get_or_create(&l).set(i64::from(g.conflict));
         self.slot_lag_warning_bytes.get_or_create(&l).set(g.lag_warning_bytes);
         self.slot_lag_critical_bytes.get_or_create(&l).set(g.lag_critical_bytes);
+        if let Some((attached, retiring)) = g.partitions {
+            self.partitions_attached.get_or_create(&l).set(attached);
+            self.partitions_retiring.get_or_create(&l).set(retiring);
+        }
         if let Some(s) = &g.slot {
             self.slot_lag_bytes.get_or_create(&l).set(s.lag_bytes);
             self.slot_retained_bytes.get_or_create(&l).set(s.retained_bytes);
@@ -426,6 +448,8 @@ impl OperatorMetrics {
         self.slot_lag_critical_bytes.remove(&l);
         self.slot_lost.remove(&l);
         self.conflict.remove(&l);
+        self.partitions_attached.remove(&l);
+        self.partitions_retiring.remove(&l);
     }
 
     /// A deletion that dropped `events` outbox events unrelayed.
@@ -515,6 +539,7 @@ mod tests {
                 conflict: false,
                 lag_warning_bytes: 100,
                 lag_critical_bytes: 200,
+                partitions: Some((4, 1)),
             },
         );
         let text = m.encode();
@@ -536,6 +561,8 @@ mod tests {
             "outbox_operator_slot_safe_wal_size_bytes{namespace=\"shop\",name=\"orders\"} 4096",
             "outbox_operator_slot_lag_warning_bytes{namespace=\"shop\",name=\"orders\"} 100",
             "outbox_operator_slot_lag_critical_bytes{namespace=\"shop\",name=\"orders\"} 200",
+            "outbox_operator_partitions_attached{namespace=\"shop\",name=\"orders\"} 4",
+            "outbox_operator_partitions_retiring{namespace=\"shop\",name=\"orders\"} 1",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

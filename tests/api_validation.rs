@@ -183,6 +183,15 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
             "deleteAfterRelay needs a table",
         ),
         (
+            "messages with managed partitions",
+            with(
+                messages(),
+                "spec.outbox.partitions",
+                json!({"column": "created_at", "interval": "Daily", "retention": "7d"}),
+            ),
+            "partitions need a table",
+        ),
+        (
             "messages routed by a column",
             with(
                 with(messages(), "spec.kafka.topic", Value::Null),

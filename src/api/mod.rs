@@ -8,6 +8,7 @@
 pub mod annotations;
 pub mod conditions;
 pub mod names;
+pub mod partitions;
 pub mod reference;
 pub mod source;
 
@@ -208,6 +209,7 @@ pub struct SecretKeyRef {
 #[x_kube(validation = Rule::new(source::TABLE_RULE).message(source::TABLE_MESSAGE).field_path(".table"))]
 #[x_kube(validation = Rule::new(source::MESSAGES_RULE).message(source::MESSAGES_MESSAGE).field_path(".messages"))]
 #[x_kube(validation = Rule::new(source::DELETE_RULE).message(source::DELETE_MESSAGE).field_path(".deleteAfterRelay"))]
+#[x_kube(validation = Rule::new(source::PARTITIONS_RULE).message(source::PARTITIONS_MESSAGE).field_path(".partitions"))]
 pub struct OutboxSpec {
     /// `Table` (default): rows inserted into `table`. `Messages`: transactional
     /// `pg_logical_emit_message` messages (PostgreSQL 14+), no table; see `messages`.
@@ -229,6 +231,10 @@ pub struct OutboxSpec {
     /// carries the insert, and the table never grows).
     #[serde(default)]
     pub delete_after_relay: bool,
+    /// Time partitions the operator creates ahead and drops once relayed and past
+    /// retention (the table must be partitioned by range on a `timestamptz` column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<partitions::PartitionsSpec>,
 }
 
 /// Names of the outbox table's columns.
@@ -709,6 +715,10 @@ pub struct OutboxRelayStatus {
     /// written by the worker. The event itself is in the park table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_skipped_event: Option<String>,
+    /// Partition management (`spec.outbox.partitions`): what is attached and what
+    /// waits to be dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<partitions::PartitionsStatus>,
 }
 
 /// The relay's PostgreSQL objects and the identity of its slot, recorded when the

@@ -74,6 +74,9 @@ pub const MESSAGES_MESSAGE: &str =
 pub const DELETE_RULE: &str =
     "!(has(self.source) && self.source == 'Messages') || !has(self.deleteAfterRelay) || !self.deleteAfterRelay";
 pub const DELETE_MESSAGE: &str = "deleteAfterRelay needs a table: messages leave nothing behind to delete";
+/// Partitions belong to a table; a tableless relay has none to manage.
+pub const PARTITIONS_RULE: &str = "!(has(self.source) && self.source == 'Messages') || !has(self.partitions)";
+pub const PARTITIONS_MESSAGE: &str = "partitions need a table: source Messages has no outbox table to partition";
 
 /// CEL on the spec: the source and the prefix are part of the relay's identity
 /// (the slot's unread events were written for them). Absent fields compare as

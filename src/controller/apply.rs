@@ -132,7 +132,7 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
             None,
         ),
         None => match provision(relay, ctx, &v).await {
-            Ok(Provision::Bound(b)) => (
+            Ok(Provision::Bound(b, partitions)) => (
                 DatabaseObservation::Provisioned {
                     // What the condition says was found: the table, or the emit function.
                     table: match &v.database.messages {
@@ -143,6 +143,7 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
                     slot_name: v.database.slot.clone(),
                     slot: b.slot,
                     binding: b.identity,
+                    partitions,
                 },
                 b.take,
                 None,
@@ -245,14 +246,14 @@ pub async fn get_deployment(client: &Client, namespace: &str, name: &str) -> Res
 }
 
 /// What provisioning decided.
+// Made once per reconcile and taken apart right away: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Provision {
-    Bound(Bound),
+    /// Bound, with the partition manager's pass when `spec.outbox.partitions` is set.
+    Bound(Bound, Option<crate::api::partitions::PartitionsStatus>),
     /// The relay may not use its objects (conflict or loss); `slot` is what the
     /// server says about the slot, if it exists.
-    Refused {
-        refusal: Refusal,
-        slot: Option<SlotInfo>,
-    },
+    Refused { refusal: Refusal, slot: Option<SlotInfo> },
 }
 
 /// Checks the prerequisites, then lets the binding decide and carry out what the
@@ -322,11 +323,74 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
                 binding::bind(&client, &t, &obs, steps, &super::status::now()),
             )
             .await?;
-            Provision::Bound(bound)
+            let (partitions, clean) = manage_partitions(relay, ctx, &client, v, &bound).await;
+            if !clean {
+                // A failed or abandoned pass may have left a statement running or a
+                // transaction open on this connection: close it, never reuse it.
+                return Ok(Provision::Bound(bound, partitions));
+            }
+            Provision::Bound(bound, partitions)
         }
     };
     client.release();
     Ok(provision)
+}
+
+/// With `spec.outbox.partitions`, one pass of the partition manager, once the slot
+/// is in place (its confirmed position decides what may be dropped). A failure is
+/// reported in `status.partitions.error`, an Event-worthy warning and a metric, not
+/// as a provisioning failure: the relay itself still works. The flag says whether
+/// the connection finished cleanly and may be reused.
+async fn manage_partitions(
+    relay: &OutboxRelay,
+    ctx: &Context,
+    client: &tokio_postgres::Client,
+    v: &Validated,
+    bound: &Bound,
+) -> (Option<crate::api::partitions::PartitionsStatus>, bool) {
+    let Some(spec) = relay.spec.outbox.partitions.as_ref() else {
+        return (None, true);
+    };
+    let slot = postgres::partitions::SlotFacts {
+        confirmed: bound
+            .slot
+            .as_ref()
+            .and_then(|s| s.confirmed_flush_lsn.as_deref())
+            .and_then(|l| l.parse().ok()),
+        created_at: bound.identity.slot_created_at.as_ref().map(|t| t.0.as_second()),
+    };
+    let now = super::status::now().0.as_second();
+    let pass = tokio::time::timeout(
+        CHECK_TIMEOUT,
+        postgres::partitions::manage(client, &v.database.table, spec, slot, now),
+    )
+    .await;
+    let failure = match pass {
+        Ok(Ok(report)) => {
+            if !(report.created.is_empty() && report.detached.is_empty() && report.dropped.is_empty()) {
+                tracing::info!(created = ?report.created, detached = ?report.detached, dropped = ?report.dropped, "maintained the outbox table's partitions");
+            }
+            return (Some(report.to_status()), true);
+        }
+        Ok(Err(e)) => (e.category(), e.to_string()),
+        Err(_) => (
+            "PartitionMaintenanceTimeout",
+            format!(
+                "partition maintenance did not finish within {} s; a detach waits for a lock on the outbox table",
+                CHECK_TIMEOUT.as_secs()
+            ),
+        ),
+    };
+    let (category, message) = failure;
+    ctx.metrics.reconcile_error(category);
+    tracing::warn!(error = %message, category, "partition maintenance failed");
+    let mut last = relay
+        .status
+        .as_ref()
+        .and_then(|s| s.partitions.clone())
+        .unwrap_or_default();
+    last.error = Some(format!("{category}: {message}"));
+    (Some(last), false)
 }
 
 /// The relay as ownership records name it.

@@ -106,6 +106,8 @@ pub enum DatabaseObservation {
         slot: Option<SlotInfo>,
         /// The slot's identity, for `status.binding`.
         binding: BindingStatus,
+        /// The partition manager's pass, with `spec.outbox.partitions`.
+        partitions: Option<crate::api::partitions::PartitionsStatus>,
     },
     /// Reachable and checked, but the relay may not use its objects: another relay
     /// owns them (`Conflict`), or its slot was lost (`SlotLost`, `DatabaseChanged`).
@@ -201,6 +203,12 @@ pub fn desired_status(relay: &OutboxRelay, observed: &Observed, now: &Time) -> O
         drain: None,
         protected_secrets: super::secrets::protected(relay),
         last_skipped_event: None,
+        partitions: match &observed.database {
+            DatabaseObservation::Provisioned { partitions, .. } => partitions.clone(),
+            // Not reached this pass: what was last seen still holds.
+            _ if relay.spec.outbox.partitions.is_some() => current.and_then(|s| s.partitions.clone()),
+            _ => None,
+        },
     }
 }
 
@@ -515,6 +523,10 @@ pub fn gauges(relay: &OutboxRelay, status: &OutboxRelayStatus, observed: &Observ
         conflict,
         lag_warning_bytes: lag.warning_bytes,
         lag_critical_bytes: lag.critical_bytes,
+        partitions: status
+            .partitions
+            .as_ref()
+            .map(|p| (i64::from(p.attached), p.retiring.len() as i64)),
     }
 }
 
@@ -552,6 +564,7 @@ mod tests {
             slot_name: "outbox_shop_orders".into(),
             slot: s,
             binding: BindingStatus::default(),
+            partitions: None,
         }
     }
 

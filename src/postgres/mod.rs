@@ -13,6 +13,7 @@ pub mod error;
 pub mod ident;
 pub mod messages;
 pub mod objects;
+pub mod partitions;
 pub mod pool;
 pub mod provision;
 pub mod slot;

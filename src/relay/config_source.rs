@@ -40,6 +40,11 @@ pub(super) fn source(
                     "deleteAfterRelay needs a table: messages leave nothing behind to delete".into(),
                 ));
             }
+            if o.partitions.is_some() {
+                return Err(ConfigError::InvalidSource(
+                    "partitions need a table: source Messages has no outbox table to partition".into(),
+                ));
+            }
             if let Some(r) = &spec.kafka.route_by
                 && r.column != "aggregatetype"
             {

@@ -41,11 +41,17 @@ impl Fixture {
     /// Creates a database with the outbox table, a topic, and provisions the
     /// publication and slot exactly as the operator does.
     pub async fn new(pg: &Postgres, kafka: &Kafka, prefix: &str, partitions: i32) -> Fixture {
+        Self::with_ddl(pg, kafka, prefix, partitions, OUTBOX_DDL).await
+    }
+
+    /// [`Self::new`] with the outbox table (`public.outbox`) made by `ddl`, e.g. a
+    /// partitioned one.
+    pub async fn with_ddl(pg: &Postgres, kafka: &Kafka, prefix: &str, partitions: i32, ddl: &str) -> Fixture {
         let name = unique_name(prefix);
         let db = name.replace('-', "_");
         pg.create_database(&db).await.expect("create database");
         let client = pg.client(&db).await.expect("connect");
-        client.batch_execute(OUTBOX_DDL).await.expect("create outbox table");
+        client.batch_execute(ddl).await.expect("create outbox table");
         let topic = format!("{name}.events");
         kafka.create_topic(&topic, partitions).await.expect("create topic");
         let spec: OutboxRelaySpec = serde_json::from_value(serde_json::json!({
