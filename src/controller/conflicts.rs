@@ -1,5 +1,8 @@
 //! Collisions between relays, seen in the operator's cache before anything touches
-//! PostgreSQL: two relays naming the same slot or publication in the same database.
+//! PostgreSQL: two relays naming the same slot or publication in the same database,
+//! or the same emit function with different message prefixes (each reconcile would
+//! rewrite the function, and one application's events would carry the other relay's
+//! prefix: passed over by its own relay, sent by the other to the wrong place).
 //!
 //! The relay that already holds the objects (its status records the binding) keeps
 //! them; when neither does, the older one wins (then the smaller namespace/name), so
@@ -27,6 +30,8 @@ struct Claim {
     server: (String, i32, String),
     slot: String,
     publication: String,
+    /// A tableless relay's emit function (lower case) and message prefix.
+    function: Option<(String, String)>,
     /// The status records the binding of exactly these objects.
     bound: bool,
     /// Sort key of "who came first": creation time, then namespace/name.
@@ -43,10 +48,15 @@ fn claim(r: &OutboxRelay) -> Claim {
         .and_then(|s| s.binding.as_ref())
         .is_some_and(|b| b.slot == slot && b.publication == publication);
     let db = &r.spec.database;
+    let function = (r.spec.outbox.source == crate::api::source::OutboxSource::Messages).then(|| {
+        let m = r.spec.outbox.messages.clone().unwrap_or_default();
+        (m.function.to_ascii_lowercase(), m.prefix)
+    });
     Claim {
         server: (db.host.to_ascii_lowercase(), db.port, db.database.clone()),
         slot,
         publication,
+        function,
         bound,
         seniority: (
             r.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
@@ -73,6 +83,11 @@ pub fn find<'a>(me: &OutboxRelay, others: impl IntoIterator<Item = &'a OutboxRel
                 (Object::Slot, mine.slot.clone())
             } else if theirs.publication == mine.publication {
                 (Object::Publication, mine.publication.clone())
+            } else if let (Some((f, p)), Some((their_f, their_p))) = (&mine.function, &theirs.function)
+                && f == their_f
+                && p != their_p
+            {
+                (Object::EmitFunction, f.clone())
             } else {
                 return None;
             };
@@ -155,6 +170,34 @@ mod tests {
         b.spec.replication.slot_name = Some("one_slot".into());
         let c = find(&b, [&a]).unwrap();
         assert_eq!((c.object, c.name.as_str()), (Object::Slot, "one_slot"));
+    }
+
+    fn tableless(mut r: OutboxRelay, function: &str, prefix: &str) -> OutboxRelay {
+        r.spec.outbox.source = crate::api::source::OutboxSource::Messages;
+        r.spec.outbox.table = String::new();
+        let mut m = r.spec.outbox.messages.clone().unwrap_or_default();
+        m.function = function.into();
+        m.prefix = prefix.into();
+        r.spec.outbox.messages = Some(m);
+        r
+    }
+
+    #[test]
+    fn one_emit_function_with_two_prefixes_collides() {
+        let a = tableless(relay("team-a", "orders", "a", 100), "public.outbox_emit", "orders");
+        let b = tableless(relay("team-b", "billing", "b", 200), "PUBLIC.outbox_emit", "billing");
+        assert_eq!(find(&a, [&b]), None, "the older one keeps its function");
+        let c = find(&b, [&a]).expect("the younger one yields");
+        assert_eq!(
+            (c.object, c.name.as_str()),
+            (Object::EmitFunction, "public.outbox_emit")
+        );
+        // Same function and prefix: the function's body is the same; no collision.
+        let same = tableless(relay("team-c", "orders2", "c", 300), "public.outbox_emit", "orders");
+        assert_eq!(find(&same, [&a]), None);
+        // Different functions: none.
+        let other = tableless(relay("team-d", "x", "d", 400), "public.billing_emit", "billing");
+        assert_eq!(find(&other, [&a]), None);
     }
 
     #[test]

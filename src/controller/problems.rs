@@ -8,14 +8,15 @@ use crate::api::conditions::reasons;
 use crate::api::{OutboxRelay, annotations};
 use crate::postgres::binding::{Holder, Loss, Object, Refusal};
 
-/// Another relay in the cache names the same slot or publication and keeps it.
+/// Another relay in the cache names the same slot, publication or emit function and
+/// keeps it.
 pub fn cache_conflict(c: &CacheConflict) -> Problem {
     Problem::new(
         reasons::CONFLICT,
         format!(
             "The {} {:?} in this database is also named by OutboxRelay {}/{}, which holds it; this relay does not \
              touch it and its worker is scaled to zero. Create a new OutboxRelay with its own \
-             spec.replication.{} (the name cannot change), or delete the other relay.",
+             spec.{}, or delete the other relay.",
             c.object.as_str(),
             c.name,
             c.namespace,
@@ -27,8 +28,9 @@ pub fn cache_conflict(c: &CacheConflict) -> Problem {
 
 fn field(o: Object) -> &'static str {
     match o {
-        Object::Slot => "slotName",
-        Object::Publication => "publicationName",
+        Object::Slot => "replication.slotName (the name cannot change)",
+        Object::Publication => "replication.publicationName (the name cannot change)",
+        Object::EmitFunction => "outbox.messages.function",
     }
 }
 
@@ -69,13 +71,12 @@ pub fn refusal(relay: &OutboxRelay, target: &DatabaseTarget, r: &Refusal) -> Pro
             };
             let way_out = match holder {
                 Holder::Relay { .. } => format!(
-                    "Create a new OutboxRelay with its own spec.replication.{} (the name cannot change), or delete \
-                     the other relay.",
+                    "Create a new OutboxRelay with its own spec.{}, or delete the other relay.",
                     field(*object)
                 ),
                 Holder::Unknown => format!(
                     "If it is meant for this relay, set the annotation {}=\"true\" to take it over; otherwise \
-                     create a new OutboxRelay with another spec.replication.{}.",
+                     create a new OutboxRelay with another spec.{}.",
                     annotations::ADOPT,
                     field(*object)
                 ),

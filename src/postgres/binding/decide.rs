@@ -71,6 +71,10 @@ pub struct Intent {
 pub enum Object {
     Slot,
     Publication,
+    /// The emit function of a tableless relay (`spec.outbox.messages.function`): two
+    /// relays with different prefixes would keep rewriting it, and the events of one
+    /// application would go out with the other relay's prefix.
+    EmitFunction,
 }
 
 impl Object {
@@ -78,6 +82,7 @@ impl Object {
         match self {
             Object::Slot => "replication slot",
             Object::Publication => "publication",
+            Object::EmitFunction => "emit function",
         }
     }
 }
