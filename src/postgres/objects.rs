@@ -220,6 +220,15 @@ pub async fn ensure_slot(client: &Client, name: &str) -> Result<Provisioned, PgE
             Err(e) => return Err(slot_create_error(client, e).await),
         }
     }
+    // A slot another session is still creating (waiting for running transactions)
+    // is listed with no plugin yet; wait for it rather than call it someone else's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Some(slot) = read_slot(client, name).await?
+        && slot.plugin.as_deref().unwrap_or_default().is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     match verify_slot(client, name).await? {
         true => Ok(Provisioned::Unchanged),
         // Dropped again right after the creation race; the next call creates it.
