@@ -362,11 +362,7 @@ impl Session<'_> {
                         }
                     }
                 };
-                let was_idle = self.core.in_flight() == 0;
-                self.feed(Input::Insert(row)).await?;
-                if was_idle && self.core.in_flight() > 0 {
-                    self.last_progress = Instant::now();
-                }
+                self.feed_event(row).await?;
             }
             PgOutputMessage::Commit(c) => {
                 self.feed(Input::Commit { end_lsn: c.end_lsn }).await?;
@@ -411,6 +407,12 @@ impl Session<'_> {
                 }
             }
         };
+        self.feed_event(row).await
+    }
+
+    /// One event (a row or a message) into the core; a first event after idling
+    /// starts the progress clock the reply deadline measures.
+    async fn feed_event(&mut self, row: Row) -> Result<(), RelayError> {
         let was_idle = self.core.in_flight() == 0;
         self.feed(Input::Insert(row)).await?;
         if was_idle && self.core.in_flight() > 0 {
