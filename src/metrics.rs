@@ -43,6 +43,9 @@ pub struct RelayMetrics {
     /// Messages with the relay's prefix that were not transactional, so not
     /// relayed (`source: Messages`).
     pub refused_messages: Counter,
+    /// `mode: Polling`: outbox rows deleted after Kafka acknowledged (or the park
+    /// table took) them.
+    pub polled_rows_deleted: Counter,
     registry: Arc<Registry>,
 }
 
@@ -62,12 +65,18 @@ impl RelayMetrics {
         let last_event_timestamp_seconds = Gauge::default();
         let sessions = Counter::default();
         let refused_messages = Counter::default();
+        let polled_rows_deleted = Counter::default();
 
         let mut r = Registry::with_prefix("outbox_relay");
         r.register(
             "nontransactional_messages",
             "Messages with the relay's prefix written non-transactionally, refused (not relayed): only transactional messages are committed-only",
             refused_messages.clone(),
+        );
+        r.register(
+            "polled_rows_deleted",
+            "Polling mode: outbox rows deleted once Kafka acknowledged them (or the park table took them)",
+            polled_rows_deleted.clone(),
         );
         r.register("events", "Outbox events delivered to Kafka", events.clone());
         r.register(
@@ -126,6 +135,7 @@ impl RelayMetrics {
             last_event_timestamp_seconds,
             sessions,
             refused_messages,
+            polled_rows_deleted,
             registry: Arc::new(r),
         }
     }

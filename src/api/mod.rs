@@ -9,6 +9,7 @@ pub mod annotations;
 pub mod conditions;
 pub mod names;
 pub mod partitions;
+pub mod polling;
 pub mod reference;
 pub mod source;
 
@@ -20,6 +21,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use polling::{PollingSpec, RelayMode};
 pub use source::{MessagesSpec, OutboxSource};
 
 /// API group of every resource this operator owns.
@@ -77,7 +79,18 @@ pub const GROUP: &str = "outbox.dev";
 #[x_kube(validation = Rule::new("(has(self.replication) && has(self.replication.publicationName)) == (has(oldSelf.replication) && has(oldSelf.replication.publicationName)) && (!(has(self.replication) && has(self.replication.publicationName)) || self.replication.publicationName == oldSelf.replication.publicationName)").message("spec.replication.publicationName is immutable, also when it is added or removed: the slot decodes through it; create a new OutboxRelay instead").field_path(".replication.publicationName"))]
 #[x_kube(validation = Rule::new(source::IDENTITY_RULE).message(source::IDENTITY_MESSAGE).field_path(".outbox.source"))]
 #[x_kube(validation = Rule::new(source::ROUTE_RULE).message(source::ROUTE_MESSAGE).field_path(".kafka.routeBy.column"))]
+#[x_kube(validation = Rule::new(polling::SETTINGS_RULE).message(polling::SETTINGS_MESSAGE).field_path(".polling"))]
+#[x_kube(validation = Rule::new(polling::SOURCE_RULE).message(polling::SOURCE_MESSAGE).field_path(".mode"))]
+#[x_kube(validation = Rule::new(polling::IDENTITY_RULE).message(polling::IDENTITY_MESSAGE).field_path(".mode"))]
 pub struct OutboxRelaySpec {
+    /// `Replication` (default): stream committed inserts from a logical replication
+    /// slot. `Polling`: read and delete rows in batches, for databases without
+    /// logical replication (see `polling`). Cannot change after creation.
+    #[serde(default, skip_serializing_if = "is_default_mode")]
+    pub mode: RelayMode,
+    /// Settings of mode `Polling` (required with it, refused without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polling: Option<PollingSpec>,
     /// The PostgreSQL database that holds the outbox table.
     pub database: DatabaseSpec,
     /// The outbox table and how its columns map onto Kafka records.
@@ -108,6 +121,10 @@ pub struct OutboxRelaySpec {
     /// Stops the worker (scales it to zero) while keeping the slot, so no event is lost.
     #[serde(default)]
     pub suspend: bool,
+}
+
+fn is_default_mode(m: &RelayMode) -> bool {
+    *m == RelayMode::Replication
 }
 
 fn default_drain_timeout() -> i64 {

@@ -33,8 +33,8 @@ pub mod env {
 // Resolving `spec.outbox.source` lives in a file of its own; it is still this module's code.
 #[path = "config_source.rs"]
 mod source;
-pub use source::MessageSource;
-use source::source;
+pub use source::{MessageSource, PollSettings};
+use source::{polling, source};
 
 /// Annotation naming the one event to skip (park) to get past a Stop.
 pub const SKIP_EVENT_ANNOTATION: &str = "outbox.dev/skip-event";
@@ -233,6 +233,8 @@ pub struct RelayConfig {
     pub table: QualifiedTable,
     /// `source: Messages`: the prefix to relay and the emit function. `None`: the table.
     pub messages: Option<MessageSource>,
+    /// `mode: Polling`: read and delete rows instead of streaming a slot.
+    pub poll: Option<PollSettings>,
     pub columns: ColumnMapping,
     pub destination: Destination,
     /// CloudEvents binary-mode headers, when `spec.kafka.cloudEvents` is set.
@@ -263,6 +265,7 @@ impl RelayConfig {
             .clone()
             .unwrap_or_else(|| default_slot_name(namespace, name));
         let (table, messages) = source(spec, &slot)?;
+        let poll = polling(spec)?;
         let destination = match (&spec.kafka.topic, &spec.kafka.route_by) {
             (Some(t), _) => Destination::Static(t.clone()),
             (None, Some(r)) => {
@@ -309,6 +312,7 @@ impl RelayConfig {
             sql,
             table,
             messages,
+            poll,
             columns: spec.outbox.columns.clone(),
             destination,
             cloud_events: spec

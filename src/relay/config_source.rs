@@ -1,7 +1,9 @@
 //! `spec.outbox.source`: the outbox table, or the settings of a tableless relay.
 
+use std::time::Duration;
+
 use super::ConfigError;
-use crate::api::{OutboxRelaySpec, OutboxSource};
+use crate::api::{OutboxRelaySpec, OutboxSource, RelayMode};
 use crate::postgres::QualifiedTable;
 
 /// The resolved settings of `source: Messages`.
@@ -10,6 +12,40 @@ pub struct MessageSource {
     pub prefix: String,
     /// The SQL function applications call to emit an event.
     pub function: QualifiedTable,
+}
+
+/// The resolved settings of `mode: Polling`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PollSettings {
+    pub order_column: String,
+    pub batch_size: usize,
+    pub min_interval: Duration,
+    pub max_interval: Duration,
+}
+
+/// `mode: Polling` and its settings; `None` for a replication relay. The API
+/// server checks the same rules (CEL); a spec file never passed it.
+pub(super) fn polling(spec: &OutboxRelaySpec) -> Result<Option<PollSettings>, ConfigError> {
+    let bad = |why: &str| Err(ConfigError::InvalidSource(why.to_string()));
+    match (spec.mode, &spec.polling) {
+        (RelayMode::Replication, None) => Ok(None),
+        (RelayMode::Replication, Some(_)) => {
+            bad("polling is only read with mode Polling: remove it or set mode: Polling")
+        }
+        (RelayMode::Polling, None) => bad("mode Polling needs spec.polling with at least orderColumn"),
+        (RelayMode::Polling, Some(p)) => {
+            if spec.outbox.source != OutboxSource::Table || spec.outbox.partitions.is_some() {
+                return bad(crate::api::polling::SOURCE_MESSAGE);
+            }
+            let min = p.min_interval_ms.clamp(1, 60_000) as u64;
+            Ok(Some(PollSettings {
+                order_column: p.order_column.clone(),
+                batch_size: p.batch_size.clamp(1, 10_000) as usize,
+                min_interval: Duration::from_millis(min),
+                max_interval: Duration::from_millis((p.max_interval_ms.clamp(1, 60_000) as u64).max(min)),
+            }))
+        }
+    }
 }
 
 /// The outbox table, or for messages the park table's base name and the message

@@ -56,6 +56,26 @@ pub enum RelayError {
     },
     #[error("the server ended the replication stream")]
     StreamEnded,
+    #[error("polling {table}: {source}")]
+    Poll {
+        table: String,
+        #[source]
+        source: PgError,
+    },
+    #[error(
+        "polling {table}: {detail}. The relay stopped before this row: nothing at or after it is sent or deleted; fix the row (or the column) and it resumes on its own"
+    )]
+    PollOrder { table: String, detail: String },
+    #[error(
+        "polling {table}: PostgreSQL did not finish {step} within {after:?}; the batch is rolled back (its rows stay in the table) and polling starts over"
+    )]
+    PollTimeout {
+        table: String,
+        step: &'static str,
+        after: Duration,
+    },
+    #[error("another worker polls {table} (it holds the poller's advisory lock); waiting as a hot standby")]
+    PollerActive { table: String },
 }
 
 impl RelayError {
@@ -72,12 +92,21 @@ impl RelayError {
             RelayError::Park { .. } => "ParkFailed",
             RelayError::ReplicationTimeout { .. } => "ReplicationTimeout",
             RelayError::StreamEnded => "StreamEnded",
+            RelayError::Poll { source, .. } => match source {
+                PgError::Query { .. } | PgError::ConnectionLost { .. } => "PollFailed",
+                other => other.category(),
+            },
+            RelayError::PollOrder { .. } => "InvalidOrderColumn",
+            RelayError::PollTimeout { .. } => "PollTimeout",
+            RelayError::PollerActive { .. } => "PollerActive",
         }
     }
 
     /// Another worker streams from the slot: wait as a hot standby.
+    /// In polling mode: another worker holds the table's advisory lock.
     pub fn is_slot_in_use(&self) -> bool {
         matches!(self, RelayError::Replication(e) if e.is_slot_in_use())
+            || matches!(self, RelayError::PollerActive { .. })
     }
 
     /// The event the error is about, when there is one.

@@ -13,6 +13,7 @@ pub mod mapping;
 pub mod message;
 pub mod park;
 pub mod pgoutput;
+pub mod polling;
 pub mod replication;
 pub mod retention;
 pub mod session;

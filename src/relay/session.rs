@@ -50,6 +50,10 @@ pub use super::error::RelayError;
 // file of its own; it is still this session's code.
 #[path = "session_send.rs"]
 mod send;
+// The poller (`mode: Polling`) shares the delivery half; it is still this module's code.
+#[path = "session_poll.rs"]
+mod poll;
+pub use poll::run as run_polling;
 
 /// How a session that did not fail ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -86,58 +90,12 @@ pub async fn run(
     let stream = conn.start_logical(&cfg.slot, Lsn::ZERO, &options).await?;
     let (reader, writer) = stream.split();
 
-    let (report_tx, reports) = mpsc::unbounded_channel();
-    let producer: Producer_ = ThreadedProducer::from_config_and_context(
-        &kafka::producer_config(&cfg.kafka),
-        RelayProducerContext::new(report_tx, health.clone()),
-    )
-    .map_err(RelayError::Producer)?;
-
+    let mut s = Session::new(cfg, metrics, state, health, deletions)?;
     metrics.sessions.inc();
     metrics.active.set(1);
     state.set_phase(Phase::Streaming);
     info!(slot = %cfg.slot, publication = %cfg.publication, "streaming from the slot");
 
-    let parker = Parker::new(cfg.sql.clone(), &cfg.table, format!("{}/{}", cfg.namespace, cfg.name));
-    let core = DeliveryCore::new(
-        CoreConfig {
-            policy: cfg.poison,
-            dead_letter_topic: cfg.dead_letter_topic.as_deref().map(Arc::from),
-            max_message_bytes: cfg.max_message_bytes,
-            delete_rows: deletions.is_some(),
-            skip: cfg.skip.clone(),
-            park_table: Arc::from(parker.table().to_string()),
-        },
-        Lsn::ZERO,
-    );
-    let mut s = Session {
-        cfg,
-        metrics,
-        state,
-        health,
-        producer: Arc::new(producer),
-        reports,
-        deletions,
-        core,
-        actions: Vec::new(),
-        spare: Vec::new(),
-        parker,
-        mapper: None,
-        messages: cfg
-            .messages
-            .as_ref()
-            .map(|_| MessageMapper::new(&cfg.destination, cfg.cloud_events.as_ref())),
-        commit_time: PgTimestamp(0),
-        outbox_relation: None,
-        outbox_columns: Vec::new(),
-        topics: super::topics::TopicChecks::default(),
-        received: Lsn::ZERO,
-        sent: Lsn::ZERO,
-        last_progress: Instant::now(),
-        last_heard: Instant::now(),
-        reply_asked: None,
-        broker_refusal: false,
-    };
     let mut writer = writer;
     let result = match s.run(reader, &mut writer, &mut shutdown).await {
         Err(RelayError::ReplicationTimeout { after, .. }) => Err(RelayError::ReplicationTimeout { after, backend_pid }),
@@ -202,6 +160,66 @@ struct Session<'a> {
     reply_asked: Option<Instant>,
     /// A delivery report refused a record (as opposed to a check before sending).
     broker_refusal: bool,
+}
+
+impl<'a> Session<'a> {
+    /// A session's delivery half: the producer, the core and the park table,
+    /// shared by the replication stream and the poller.
+    fn new(
+        cfg: &'a RelayConfig,
+        metrics: &'a RelayMetrics,
+        state: &'a RelayState,
+        health: &'a Arc<BrokerHealth>,
+        deletions: Option<&'a mpsc::UnboundedSender<Vec<Bytes>>>,
+    ) -> Result<Self, RelayError> {
+        let (report_tx, reports) = mpsc::unbounded_channel();
+        let producer: Producer_ = ThreadedProducer::from_config_and_context(
+            &kafka::producer_config(&cfg.kafka),
+            RelayProducerContext::new(report_tx, health.clone()),
+        )
+        .map_err(RelayError::Producer)?;
+        let parker = Parker::new(cfg.sql.clone(), &cfg.table, format!("{}/{}", cfg.namespace, cfg.name));
+        let core = DeliveryCore::new(core_config(cfg, &parker, deletions.is_some()), Lsn::ZERO);
+        Ok(Session {
+            cfg,
+            metrics,
+            state,
+            health,
+            producer: Arc::new(producer),
+            reports,
+            deletions,
+            core,
+            actions: Vec::new(),
+            spare: Vec::new(),
+            parker,
+            mapper: None,
+            messages: cfg
+                .messages
+                .as_ref()
+                .map(|_| MessageMapper::new(&cfg.destination, cfg.cloud_events.as_ref())),
+            commit_time: PgTimestamp(0),
+            outbox_relation: None,
+            outbox_columns: Vec::new(),
+            topics: super::topics::TopicChecks::default(),
+            received: Lsn::ZERO,
+            sent: Lsn::ZERO,
+            last_progress: Instant::now(),
+            last_heard: Instant::now(),
+            reply_asked: None,
+            broker_refusal: false,
+        })
+    }
+}
+
+fn core_config(cfg: &RelayConfig, parker: &Parker, delete_rows: bool) -> CoreConfig {
+    CoreConfig {
+        policy: cfg.poison,
+        dead_letter_topic: cfg.dead_letter_topic.as_deref().map(Arc::from),
+        max_message_bytes: cfg.max_message_bytes,
+        delete_rows,
+        skip: cfg.skip.clone(),
+        park_table: Arc::from(parker.table().to_string()),
+    }
 }
 
 impl Session<'_> {
@@ -341,27 +359,7 @@ impl Session<'_> {
                 self.outbox_columns = r.columns.iter().map(|c| c.name.clone()).collect();
             }
             PgOutputMessage::Insert(i) if Some(i.relation_id) == self.outbox_relation => {
-                let mapper = self
-                    .mapper
-                    .as_mut()
-                    .ok_or(CoreError::Protocol("insert before the table's relation message"))?;
-                let row = match mapper.map(&i.new, self.commit_time) {
-                    Ok(mapped) => {
-                        for f in &mapped.fallbacks {
-                            self.fell_back(&mapped.record, f);
-                        }
-                        self.checked(mapped.record).await
-                    }
-                    Err(e) => {
-                        let (event_id, row) = self.raw_row(&i.new);
-                        Row::Unmapped {
-                            event_id,
-                            row,
-                            kind: e.category(),
-                            reason: e.to_string(),
-                        }
-                    }
-                };
+                let row = self.map_row(&i.new).await?;
                 self.feed_event(row).await?;
             }
             PgOutputMessage::Commit(c) => {
@@ -373,6 +371,31 @@ impl Session<'_> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// An outbox row, mapped and checked, or refused by the mapping.
+    async fn map_row(&mut self, tuple: &TupleData) -> Result<Row, RelayError> {
+        let mapper = self
+            .mapper
+            .as_mut()
+            .ok_or(CoreError::Protocol("insert before the table's relation message"))?;
+        Ok(match mapper.map(tuple, self.commit_time) {
+            Ok(mapped) => {
+                for f in &mapped.fallbacks {
+                    self.fell_back(&mapped.record, f);
+                }
+                self.checked(mapped.record).await
+            }
+            Err(e) => {
+                let (event_id, row) = self.raw_row(tuple);
+                Row::Unmapped {
+                    event_id,
+                    row,
+                    kind: e.category(),
+                    reason: e.to_string(),
+                }
+            }
+        })
     }
 
     /// A logical decoding message (`source: Messages`): an event of its transaction

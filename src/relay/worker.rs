@@ -88,15 +88,19 @@ pub async fn run_with(
                 };
             }
             let started = Instant::now();
-            let result = session::run(
-                &cfg,
-                &handle.metrics,
-                &handle.state,
-                &handle.kafka,
-                deletions.as_ref(),
-                shutdown.clone(),
-            )
-            .await;
+            let result = if cfg.poll.is_some() {
+                session::run_polling(&cfg, &handle.metrics, &handle.state, &handle.kafka, shutdown.clone()).await
+            } else {
+                session::run(
+                    &cfg,
+                    &handle.metrics,
+                    &handle.state,
+                    &handle.kafka,
+                    deletions.as_ref(),
+                    shutdown.clone(),
+                )
+                .await
+            };
             let wait = match result {
                 Ok(SessionEnd::Shutdown) => return,
                 Err(e) if e.is_slot_in_use() && stale_backend.is_some() => {
@@ -110,7 +114,7 @@ pub async fn run_with(
                 }
                 Err(e) if e.is_slot_in_use() => {
                     if handle.state.phase() != Phase::Standby {
-                        info!("slot is held by another worker; waiting as hot standby");
+                        info!(reason = %e, "the slot (or the poller's lock) is held by another worker; waiting as hot standby");
                     }
                     handle.state.set_phase(Phase::Standby);
                     backoff = cfg.tuning.min_backoff;
@@ -196,7 +200,8 @@ fn spawn_deleter(
     handle: &RelayHandle,
     shutdown: watch::Receiver<bool>,
 ) -> Option<mpsc::UnboundedSender<Vec<Bytes>>> {
-    if !cfg.delete_after_relay {
+    // A poller deletes in its own batch transaction.
+    if !cfg.delete_after_relay || cfg.poll.is_some() {
         return None;
     }
     let (tx, rx) = mpsc::unbounded_channel();
