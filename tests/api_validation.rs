@@ -333,6 +333,39 @@ fn invalid_cases() -> Vec<(&'static str, Value, &'static str)> {
             with(v(), "spec.kafka.cloudEvents", json!({"contentType": "json"})),
             "spec.kafka.cloudEvents.contentType",
         ),
+        (
+            "polling without its settings",
+            with(v(), "spec.mode", json!("Polling")),
+            "set spec.polling (at least orderColumn) with mode Polling",
+        ),
+        (
+            "polling settings without polling",
+            with(v(), "spec.polling", json!({"orderColumn": "seq"})),
+            "leave it out with mode Replication",
+        ),
+        (
+            "polling messages",
+            with(
+                with(messages(), "spec.mode", json!("Polling")),
+                "spec.polling",
+                json!({"orderColumn": "seq"}),
+            ),
+            "mode Polling reads rows of spec.outbox.table",
+        ),
+        (
+            "polling batch too large",
+            with(
+                with(v(), "spec.mode", json!("Polling")),
+                "spec.polling",
+                json!({"orderColumn": "seq", "batchSize": 100000}),
+            ),
+            "spec.polling.batchSize",
+        ),
+        (
+            "unknown mode",
+            with(v(), "spec.mode", json!("Trigger")),
+            "spec.mode: Unsupported value",
+        ),
     ]
 }
 
@@ -466,6 +499,12 @@ fn identity_changes() -> Vec<(&'static str, Field, Value, &'static str)> {
             publication,
             json!({"spec": {"replication": {"publicationName": "other_pub"}}}),
             "publicationName is immutable",
+        ),
+        (
+            "switch to polling",
+            None,
+            json!({"spec": {"mode": "Polling", "polling": {"orderColumn": "seq"}}}),
+            "spec.mode is immutable",
         ),
     ]
 }

@@ -26,6 +26,8 @@ pub mod reasons {
     pub const RELAYING: &str = "Relaying";
     pub const SUSPENDED: &str = "Suspended";
     pub const PROVISIONED: &str = "Provisioned";
+    /// SlotHealthy in `mode: Polling`: there is no slot; the message gives the backlog.
+    pub const POLLING: &str = "Polling";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
     pub const INVALID_SPEC: &str = "InvalidSpec";

@@ -148,6 +148,20 @@ pub async fn observe(relay: &OutboxRelay, ctx: &Context) -> Outcome {
                 b.take,
                 None,
             ),
+            Ok(Provision::Polled(facts)) => (
+                DatabaseObservation::Polled {
+                    table: v.database.table.unquoted(),
+                    order_column: relay
+                        .spec
+                        .polling
+                        .as_ref()
+                        .map(|p| p.order_column.clone())
+                        .unwrap_or_default(),
+                    facts,
+                },
+                None,
+                None,
+            ),
             Ok(Provision::Refused { refusal, slot }) => (
                 DatabaseObservation::Unbound {
                     problem: problems::refusal(relay, &v.database, &refusal),
@@ -251,6 +265,9 @@ pub async fn get_deployment(client: &Client, namespace: &str, name: &str) -> Res
 pub enum Provision {
     /// Bound, with the partition manager's pass when `spec.outbox.partitions` is set.
     Bound(Bound, Option<crate::api::partitions::PartitionsStatus>),
+    /// `mode: Polling`: the table, its order column's index and the role's rights
+    /// are in place; no slot or publication exists for this relay.
+    Polled(postgres::polling::PollFacts),
     /// The relay may not use its objects (conflict or loss); `slot` is what the
     /// server says about the slot, if it exists.
     Refused { refusal: Refusal, slot: Option<SlotInfo> },
@@ -270,6 +287,20 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
         ctx.pg_pool.get(&target.connect),
     )
     .await?;
+    if let Some(p) = &relay.spec.polling {
+        let facts = timed(
+            "checking the table for polling",
+            CHECK_TIMEOUT,
+            "; creating the order column's index waits for writers of the table",
+            postgres::polling::provision(&client, &target.table, &target.columns, &p.order_column),
+        )
+        .await?;
+        if let Some(index) = &facts.index_created {
+            tracing::info!(%index, table = %target.table.unquoted(), "created the poller's unique index on the order column");
+        }
+        client.release();
+        return Ok(Provision::Polled(facts));
+    }
     match &target.messages {
         None => {
             timed(

@@ -105,6 +105,27 @@ pub async fn run(relay: &OutboxRelay, ctx: &Context) -> Result<Progress, Error> 
     let namespace = relay.namespace().unwrap_or_default();
     let name = relay.name_any();
     let (slot, publication) = validate::object_names(&namespace, &name, &relay.spec);
+    if relay.spec.mode == crate::api::RelayMode::Polling {
+        // Nothing outside Kubernetes to drop, and nothing to drain: a poller deletes
+        // a row only after Kafka acknowledged it, so every event not yet relayed is
+        // still a row in the table, whatever the policy.
+        events::publish(
+            &ctx.recorder,
+            relay,
+            EventType::Normal,
+            events::ROWS_LEFT,
+            "Cleanup",
+            format!(
+                "mode Polling: no slot or publication to drop. Rows not relayed yet stay in table {}; a new polling \
+                 relay of that table sends them. The poller's unique index stays too.",
+                relay.spec.outbox.table
+            ),
+        )
+        .await;
+        secrets::release(ctx, relay).await;
+        ctx.metrics.remove_relay(&namespace, &name);
+        return Ok(Progress::Done);
+    }
     let progress = match relay.spec.cleanup_policy {
         CleanupPolicy::Retain => {
             events::publish(

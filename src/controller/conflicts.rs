@@ -32,6 +32,8 @@ struct Claim {
     publication: String,
     /// A tableless relay's emit function (lower case) and message prefix.
     function: Option<(String, String)>,
+    /// A polling relay's table.
+    polled: Option<String>,
     /// The status records the binding of exactly these objects.
     bound: bool,
     /// Sort key of "who came first": creation time, then namespace/name.
@@ -52,11 +54,13 @@ fn claim(r: &OutboxRelay) -> Claim {
         let m = r.spec.outbox.messages.clone().unwrap_or_default();
         (m.function.to_ascii_lowercase(), m.prefix)
     });
+    let polled = (r.spec.mode == crate::api::RelayMode::Polling).then(|| r.spec.outbox.table.clone());
     Claim {
         server: (db.host.to_ascii_lowercase(), db.port, db.database.clone()),
         slot,
         publication,
         function,
+        polled,
         bound,
         seniority: (
             r.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
@@ -88,6 +92,10 @@ pub fn find<'a>(me: &OutboxRelay, others: impl IntoIterator<Item = &'a OutboxRel
                 && p != their_p
             {
                 (Object::EmitFunction, f.clone())
+            } else if let (Some(t), Some(their_t)) = (&mine.polled, &theirs.polled)
+                && t == their_t
+            {
+                (Object::PolledTable, t.clone())
             } else {
                 return None;
             };
@@ -198,6 +206,27 @@ mod tests {
         // Different functions: none.
         let other = tableless(relay("team-d", "x", "d", 400), "public.billing_emit", "billing");
         assert_eq!(find(&other, [&a]), None);
+    }
+
+    #[test]
+    fn two_pollers_of_one_table_collide() {
+        let polling = |r: OutboxRelay| {
+            let mut r = r;
+            r.spec.mode = crate::api::RelayMode::Polling;
+            r.spec.polling = Some(crate::api::PollingSpec::with_order_column("seq"));
+            r
+        };
+        let a = polling(relay("team-a", "orders", "a", 100));
+        let b = polling(relay("team-b", "orders", "b", 200));
+        assert_eq!(find(&a, [&b]), None, "the older one keeps polling");
+        let c = find(&b, [&a]).expect("the younger one yields");
+        assert_eq!(
+            (c.object, c.name.as_str()),
+            (Object::PolledTable, a.spec.outbox.table.as_str())
+        );
+        // A replication relay of the same table reads the WAL, not the rows: no collision.
+        let streaming = relay("team-c", "orders", "c", 50);
+        assert_eq!(find(&b, [&streaming]), None);
     }
 
     #[test]

@@ -20,6 +20,8 @@ use crate::postgres::binding::Take;
 pub const SLOT_DROPPED: &str = "SlotDropped";
 /// Cleanup kept the slot and publication (`cleanupPolicy: Retain`).
 pub const SLOT_RETAINED: &str = "SlotRetained";
+/// A polling relay was deleted: its unrelayed events stay as rows in the table.
+pub const ROWS_LEFT: &str = "RowsLeftInTable";
 /// A deletion dropped the slot before every event in it was relayed.
 pub const DROPPED_UNRELAYED: &str = "DroppedUnrelayed";
 /// A deletion could not reach the slot and let the resource go without dropping it.

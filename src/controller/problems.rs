@@ -31,6 +31,7 @@ fn field(o: Object) -> &'static str {
         Object::Slot => "replication.slotName (the name cannot change)",
         Object::Publication => "replication.publicationName (the name cannot change)",
         Object::EmitFunction => "outbox.messages.function",
+        Object::PolledTable => "outbox.table (one polling relay per table)",
     }
 }
 

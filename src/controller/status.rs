@@ -109,6 +109,12 @@ pub enum DatabaseObservation {
         /// The partition manager's pass, with `spec.outbox.partitions`.
         partitions: Option<crate::api::partitions::PartitionsStatus>,
     },
+    /// `mode: Polling`: the table is ready to poll (no slot, no publication).
+    Polled {
+        table: String,
+        order_column: String,
+        facts: crate::postgres::polling::PollFacts,
+    },
     /// Reachable and checked, but the relay may not use its objects: another relay
     /// owns them (`Conflict`), or its slot was lost (`SlotLost`, `DatabaseChanged`).
     Unbound {
@@ -186,6 +192,7 @@ pub fn desired_status(relay: &OutboxRelay, observed: &Observed, now: &Time) -> O
                 binding.clone().or_else(|| current.and_then(|s| s.binding.clone())),
             )
         }
+        DatabaseObservation::Polled { .. } => (None, None),
         // Unreadable now: keep what was last seen (its name at least is still right)
         // rather than blank the printer columns while the database is away.
         DatabaseObservation::Failed(_) => (
@@ -228,6 +235,17 @@ fn database_condition(db: &DatabaseObservation) -> Desired {
                  replication slot {slot_name:?} are in place."
             ),
         ),
+        DatabaseObservation::Polled {
+            table, order_column, ..
+        } => Desired::new(
+            types::DATABASE_READY,
+            true,
+            reasons::PROVISIONED,
+            format!(
+                "Connected; polling mode: table {table} exists, has a unique index on {order_column:?}, and the role \
+                 may read, lock and delete its rows."
+            ),
+        ),
         DatabaseObservation::Unbound { problem: p, .. } | DatabaseObservation::Failed(p) => {
             Desired::new(types::DATABASE_READY, false, p.reason, p.message.clone())
         }
@@ -239,6 +257,23 @@ fn slot_condition(relay: &OutboxRelay, db: &DatabaseObservation) -> (Desired, Op
     let th = &relay.spec.replication.lag;
     let (slot_name, slot) = match db {
         DatabaseObservation::Provisioned { slot_name, slot, .. } => (slot_name, slot),
+        // No slot to be healthy or not: the backlog is the table itself, and it
+        // pins no WAL. The condition says what waits, so `kubectl describe` still
+        // answers "is it keeping up?".
+        DatabaseObservation::Polled { table, facts, .. } => {
+            return (
+                Desired::new(
+                    types::SLOT_HEALTHY,
+                    true,
+                    reasons::POLLING,
+                    format!(
+                        "Polling mode keeps no replication slot and pins no WAL; in table {table}, {} to be relayed.",
+                        crate::postgres::polling::backlog_words(facts.pending_rows)
+                    ),
+                ),
+                Some(LagLevel::Ok),
+            );
+        }
         DatabaseObservation::Unbound { problem: p, .. } => {
             return (
                 Desired::new(types::SLOT_HEALTHY, false, p.reason, p.message.clone()),

@@ -14,6 +14,7 @@ pub mod ident;
 pub mod messages;
 pub mod objects;
 pub mod partitions;
+pub mod polling;
 pub mod pool;
 pub mod provision;
 pub mod slot;

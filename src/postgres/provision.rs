@@ -166,7 +166,11 @@ async fn check(
 }
 
 /// Checks the table and its mapped columns; returns whether it is partitioned.
-async fn check_table(client: &Client, table: &QualifiedTable, columns: &ColumnMapping) -> Result<bool, PgError> {
+pub(crate) async fn check_table(
+    client: &Client,
+    table: &QualifiedTable,
+    columns: &ColumnMapping,
+) -> Result<bool, PgError> {
     // Exact catalog lookup rather than to_regclass(): names are case-sensitive
     // as written, and a lookup by value needs no quoting.
     let rel = client

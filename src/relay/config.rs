@@ -429,6 +429,30 @@ mod tests {
         assert!(matches!(c.destination, Destination::Routed { .. }));
     }
 
+    #[test]
+    fn polling_mode_resolves_its_settings_and_refuses_a_mismatch() {
+        let creds = Credentials::default();
+        let mut spec = spec();
+        assert_eq!(RelayConfig::from_spec("ns", "r", &spec, &creds).unwrap().poll, None);
+        spec.mode = crate::api::RelayMode::Polling;
+        let err = RelayConfig::from_spec("ns", "r", &spec, &creds).unwrap_err();
+        assert!(err.to_string().contains("needs spec.polling"), "{err}");
+        let mut p = crate::api::PollingSpec::with_order_column("seq");
+        p.min_interval_ms = 50;
+        p.max_interval_ms = 20;
+        spec.polling = Some(p);
+        let poll = RelayConfig::from_spec("ns", "r", &spec, &creds).unwrap().poll.unwrap();
+        assert_eq!(poll.order_column, "seq");
+        assert_eq!(poll.min_interval, Duration::from_millis(50));
+        assert_eq!(poll.max_interval, Duration::from_millis(50), "max never below min");
+        spec.outbox.partitions = Some(
+            serde_json::from_value(serde_json::json!({"column": "created_at", "interval": "Daily", "retention": "7d"}))
+                .unwrap(),
+        );
+        let err = RelayConfig::from_spec("ns", "r", &spec, &creds).unwrap_err();
+        assert!(err.to_string().contains("mode Polling reads rows"), "{err}");
+    }
+
     fn messages_spec() -> OutboxRelaySpec {
         serde_json::from_value(serde_json::json!({
             "database": {"host": "db", "database": "shop", "credentialsSecretRef": {"name": "pg"}},

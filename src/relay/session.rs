@@ -165,6 +165,8 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     /// A session's delivery half: the producer, the core and the park table,
     /// shared by the replication stream and the poller.
+    // Once per session: the error's size costs nothing worth boxing it for.
+    #[allow(clippy::result_large_err)]
     fn new(
         cfg: &'a RelayConfig,
         metrics: &'a RelayMetrics,

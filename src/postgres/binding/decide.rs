@@ -75,6 +75,10 @@ pub enum Object {
     /// relays with different prefixes would keep rewriting it, and the events of one
     /// application would go out with the other relay's prefix.
     EmitFunction,
+    /// The outbox table of a polling relay (`mode: Polling`): one poller per
+    /// table, or the second relay's worker would wait on the first one's lock
+    /// forever while both look healthy.
+    PolledTable,
 }
 
 impl Object {
@@ -83,6 +87,7 @@ impl Object {
             Object::Slot => "replication slot",
             Object::Publication => "publication",
             Object::EmitFunction => "emit function",
+            Object::PolledTable => "polled outbox table",
         }
     }
 }
