@@ -25,6 +25,7 @@ mod cpu;
 mod drain;
 mod latency;
 mod messages;
+mod poll_mode;
 mod polling;
 mod report;
 mod setup;
@@ -388,10 +389,27 @@ async fn run(args: Args) -> Res<()> {
     )
     .await?;
 
+    log("draining with the relay's polling mode");
+    let pm = poll_mode::poll_mode_phase(&args, &pg, &kafka, &sql, &creds, dir.path()).await?;
+    let median_of = |f: &dyn Fn(&Round) -> f64| {
+        let mut v: Vec<f64> = r.rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let n = args.events as f64;
+    let pm_section = poll_mode::section(
+        &pm,
+        table_rate,
+        median_of(&|x| x.poll.rate()),
+        median_of(&|x| x.relay_extra_wal as f64 / n),
+        median_of(&|x| x.poll_extra_wal as f64 / n),
+    );
+
     let report = format!(
-        "{}\n{}",
+        "{}\n{}\n{}",
         report(&args, &r, &machine, started.elapsed()),
-        messages::section(&m)
+        messages::section(&m),
+        pm_section
     );
     println!("\n{report}");
     if let Some(path) = &args.out {
