@@ -6,7 +6,8 @@
 
 mod operator_support;
 
-use operator_support::{Harness, condition, env_of};
+use operator_support::{Harness, Options, condition, env_of};
+use outbox_testbed::{Components, Postgres, shared};
 use serde_json::json;
 
 fn polling_spec(h: &Harness, order_column: &str) -> serde_json::Value {
@@ -129,5 +130,38 @@ async fn a_bad_order_column_is_named_in_the_status() {
         .await;
     let (_, _, message) = condition(&r, "DatabaseReady");
     assert!(message.contains("integer"), "{message}");
+    h.stop().await;
+}
+
+/// Where a replication relay gets `WalLevelNotLogical`, a polling relay of the
+/// same table is provisioned: the mode needs nothing of the WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_is_provisioned_where_wal_level_is_not_logical() {
+    let components = Components::locate().expect("test bed components");
+    let pg: &'static Postgres = Box::leak(Box::new(Postgres::start(&components).await.expect("private postgres")));
+    pg.client("postgres")
+        .await
+        .expect("connect")
+        .batch_execute("ALTER SYSTEM SET wal_level = replica")
+        .await
+        .expect("set wal_level");
+    pg.stop().await.expect("stop");
+    pg.start_again().await.expect("restart");
+
+    let h = Harness::start_on(pg, shared().await, "op-poll-wal", Options::default()).await;
+    h.sql()
+        .await
+        .batch_execute("ALTER TABLE public.outbox ADD COLUMN seq bigserial")
+        .await
+        .expect("order column");
+    h.create_relay("streaming", h.spec(json!({}))).await;
+    h.await_condition("streaming", "DatabaseReady", "False", Some("WalLevelNotLogical"))
+        .await;
+    h.create_relay("polling", polling_spec(&h, "seq")).await;
+    let r = h
+        .await_condition("polling", "DatabaseReady", "True", Some("Provisioned"))
+        .await;
+    let (_, reason, _) = condition(&r, "SlotHealthy");
+    assert_eq!(reason, "Polling");
     h.stop().await;
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use outbox_operator::api::{PoisonPolicy, PollingSpec, RelayMode};
 use outbox_operator::relay::state::Phase;
-use outbox_testbed::{Kafka, OUTBOX_DDL, Postgres};
+use outbox_testbed::{Components, Kafka, OUTBOX_DDL, Postgres};
+use support::proxy::SilentProxy;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -22,7 +23,7 @@ fn ddl() -> String {
 }
 
 async fn polling_fixture(pg: &Postgres, kafka: &Kafka, prefix: &str, partitions: i32) -> Fixture {
-    let mut fx = Fixture::with_ddl(pg, kafka, prefix, partitions, &ddl()).await;
+    let mut fx = Fixture::unprovisioned(pg, kafka, prefix, partitions, &ddl()).await;
     fx.spec.mode = RelayMode::Polling;
     let mut p = PollingSpec::with_order_column("seq");
     p.batch_size = 200;
@@ -290,5 +291,98 @@ async fn under_dead_letter_a_poison_row_is_parked_then_deleted() {
         .expect("park table")
         .get(0);
     assert_eq!(parked, 1);
+    worker.shutdown().await;
+}
+
+/// The reason the mode exists: a server with `wal_level = replica` and a role
+/// with no REPLICATION attribute, holding only SELECT, UPDATE and DELETE on the
+/// table (plus what the park table needs), relays every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_needs_no_logical_replication_and_no_replication_role() {
+    let bed = outbox_testbed::shared().await;
+    let components = Components::locate().expect("test bed components");
+    let pg: &'static Postgres = Box::leak(Box::new(Postgres::start(&components).await.expect("private postgres")));
+    pg.client("postgres")
+        .await
+        .expect("connect")
+        .batch_execute("ALTER SYSTEM SET wal_level = replica")
+        .await
+        .expect("set wal_level");
+    pg.stop().await.expect("stop");
+    pg.start_again().await.expect("restart");
+
+    let mut fx = polling_fixture(pg, &bed.kafka, "poll-replica", 2).await;
+    let admin = pg.client(&fx.db).await.expect("connect");
+    let wal_level: String = admin.query_one("SHOW wal_level", &[]).await.expect("show").get(0);
+    assert_eq!(wal_level, "replica");
+    admin
+        .batch_execute(
+            "CREATE ROLE poller LOGIN PASSWORD 'poller-secret' NOREPLICATION NOSUPERUSER;
+             GRANT SELECT, UPDATE, DELETE ON public.outbox TO poller",
+        )
+        .await
+        .expect("a plain role");
+    fx.pg_user = "poller".into();
+    fx.pg_password = "poller-secret".into();
+
+    let mut ids = fx.insert_events(&admin, 10, 10, 20).await;
+    let worker = fx.start_worker();
+    ids.extend(fx.insert_events_from(&admin, 10, 10, 5, 11).await);
+    let expect: HashSet<String> = ids.into_iter().collect();
+    let records = consume_async(&fx.bootstrap, &fx.topic, &expect, WAIT, Duration::from_millis(300)).await;
+    assert_all_delivered(&records, &expect);
+    check_per_key_order(&records).expect("per-key order");
+    eventually(Duration::from_secs(30), "relayed rows deleted", || async {
+        (rows_left(&admin).await == 0).then_some(())
+    })
+    .await;
+    worker.shutdown().await;
+}
+
+/// A poll connection that goes silent without closing: the statement bound ends
+/// the session, and the next one ends the silent backend (which still holds the
+/// poller's lock and the batch's row locks) instead of waiting on it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_poll_connection_is_found_and_replaced() {
+    let bed = outbox_testbed::shared().await;
+    let fx = polling_fixture(&bed.pg, &bed.kafka, "poll-hung", 1).await;
+    let proxy = SilentProxy::start(&fx.pg_host, fx.pg_port).await;
+    let mut cfg = fx.config();
+    cfg.sql.host = "127.0.0.1".into();
+    cfg.sql.port = proxy.port;
+    cfg.tuning.poll_statement_timeout = Duration::from_secs(2);
+    let worker = fx.start_worker_with(cfg);
+    let client = bed.pg.client(&fx.db).await.expect("connect");
+
+    let first = fx.insert_events(&client, 1, 1, 1).await;
+    consume_async(
+        &fx.bootstrap,
+        &fx.topic,
+        &first.iter().cloned().collect(),
+        WAIT,
+        Duration::ZERO,
+    )
+    .await;
+
+    proxy.freeze();
+    let (category, message) = eventually(Duration::from_secs(30), "PollTimeout", || async {
+        worker.handle.state.last_error().filter(|(c, _)| *c == "PollTimeout")
+    })
+    .await;
+    assert_eq!(category, "PollTimeout");
+    assert!(message.contains("rolled back"), "{message}");
+
+    // Written while the old connection hangs: relayed over a new one.
+    let later = fx.insert_events(&client, 3, 5, 5).await;
+    let expect: HashSet<String> = first.into_iter().chain(later).collect();
+    let records = consume_async(&fx.bootstrap, &fx.topic, &expect, WAIT, Duration::from_millis(300)).await;
+    assert_all_delivered(&records, &expect);
+    eventually(
+        Duration::from_secs(30),
+        "rows deleted over the new connection",
+        || async { (rows_left(&client).await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(worker.handle.state.phase(), Phase::Streaming);
     worker.shutdown().await;
 }

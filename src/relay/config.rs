@@ -193,6 +193,10 @@ pub struct Tuning {
     /// After a status update that asks for a reply, how long the server may stay
     /// silent before the connection is taken for hung and replaced.
     pub reply_timeout: Duration,
+    /// `mode: Polling`: bound on each statement of a batch. A poll connection that
+    /// goes silent ends the session past it; the next one ends the silent backend,
+    /// which still holds the poller's lock and the batch's row locks.
+    pub poll_statement_timeout: Duration,
     /// `/healthz` fails once a streaming session heard nothing from the server for
     /// this long (the kubelet then restarts the worker). Above
     /// `status_interval + reply_timeout`, so the session's own timeout acts first.
@@ -212,6 +216,7 @@ impl Default for Tuning {
             standby_poll: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(10),
+            poll_statement_timeout: Duration::from_secs(30),
             liveness_bound: Duration::from_secs(60),
         }
     }

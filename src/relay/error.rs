@@ -73,6 +73,10 @@ pub enum RelayError {
         table: String,
         step: &'static str,
         after: Duration,
+        /// The server process of the silent connection: it still holds the
+        /// poller's advisory lock (and the batch's row locks), and the next
+        /// session ends it.
+        backend_pid: Option<i32>,
     },
     #[error("another worker polls {table} (it holds the poller's advisory lock); waiting as a hot standby")]
     PollerActive { table: String },
@@ -107,6 +111,18 @@ impl RelayError {
     pub fn is_slot_in_use(&self) -> bool {
         matches!(self, RelayError::Replication(e) if e.is_slot_in_use())
             || matches!(self, RelayError::PollerActive { .. })
+    }
+
+    /// The server process of our own connection that went silent, when the
+    /// session ended because of it: it may still hold the slot or the poller's
+    /// lock, and only this worker may end it.
+    pub fn stale_backend(&self) -> Option<i32> {
+        match self {
+            RelayError::ReplicationTimeout { backend_pid, .. } | RelayError::PollTimeout { backend_pid, .. } => {
+                *backend_pid
+            }
+            _ => None,
+        }
     }
 
     /// The event the error is about, when there is one.

@@ -53,7 +53,7 @@ mod send;
 // The poller (`mode: Polling`) shares the delivery half; it is still this module's code.
 #[path = "session_poll.rs"]
 mod poll;
-pub use poll::run as run_polling;
+pub use poll::{end_stale_poller, run as run_polling};
 
 /// How a session that did not fail ended.
 #[derive(Debug, PartialEq, Eq)]

@@ -22,9 +22,6 @@ use crate::kafka::BrokerHealth;
 use crate::metrics::RelayMetrics;
 use crate::postgres::{self, PgError};
 
-/// Bound on each statement of a batch: a hung connection ends the session (and
-/// rolls the batch back: its rows stay) instead of hanging the relay.
-const SQL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on Kafka acknowledging one batch. The batch's transaction (and its row
 /// locks) stays open meanwhile; past this it is rolled back so a Kafka outage
 /// does not hold back vacuum on the whole database, and the rows are polled again.
@@ -48,17 +45,24 @@ pub async fn run(
         table: table.clone(),
         source,
     };
-    let mut client = timed(&table, "connecting", postgres::connect(&cfg.sql))
+    let bound = cfg.tuning.poll_statement_timeout;
+    let mut client = timed(&table, bound, "connecting", postgres::connect(&cfg.sql))
         .await?
         .map_err(poll_err)?;
     // Text values as pgoutput sends them (timestamps in ISO form, UTC).
     let setup = client.batch_execute("SET DateStyle = ISO; SET TimeZone = 'UTC'");
-    timed(&table, "setting up the session", setup)
+    timed(&table, bound, "setting up the session", setup)
         .await?
         .map_err(|e| poll_err(postgres::error::query_error("set up the poll session", e)))?;
+    let pid = client.query_one("SELECT pg_backend_pid()", &[]);
+    let pid: i32 = timed(&table, bound, "reading the backend's pid", pid)
+        .await?
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| poll_err(postgres::error::query_error("read the poll session's backend pid", e)))?;
     let quoted = cfg.table.to_string();
     let got: bool = timed(
         &table,
+        bound,
         "taking the advisory lock",
         client.query_one(PollSql::LOCK, &[&quoted, &LOCK_CLASS]),
     )
@@ -70,6 +74,7 @@ pub async fn run(
     }
     let cols: Vec<(String, u32)> = timed(
         &table,
+        bound,
         "reading the table's columns",
         client.query(PollSql::COLUMNS, &[&quoted]),
     )
@@ -104,7 +109,7 @@ pub async fn run(
     info!(%table, order_column = %settings.order_column, batch = settings.batch_size, "polling the outbox table");
 
     let mut wait = Duration::ZERO;
-    let result = loop {
+    let result: Result<SessionEnd, RelayError> = loop {
         state.heard(Instant::now());
         tokio::select! {
             biased;
@@ -135,7 +140,35 @@ pub async fn run(
     if result.is_ok() {
         info!(%table, "stopped polling");
     }
-    result
+    // A silent connection's backend keeps the lock: name it for the next session.
+    result.map_err(|e| match e {
+        RelayError::PollTimeout { table, step, after, .. } => RelayError::PollTimeout {
+            table,
+            step,
+            after,
+            backend_pid: Some(pid),
+        },
+        other => other,
+    })
+}
+
+/// Ends the poll session `pid` if it still holds this relay's advisory lock.
+/// Only ever called with the backend of our own previous connection, which went
+/// silent: a live poller (another worker) is never ended. A role may end its own
+/// backends without extra privileges.
+pub async fn end_stale_poller(cfg: &RelayConfig, pid: i32) -> Result<bool, PgError> {
+    let client = postgres::connect(&cfg.sql).await?;
+    let quoted = cfg.table.to_string();
+    let row = client
+        .query_opt(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_catalog.pg_locks l \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.pid = $1 AND l.objsubid = 1 \
+               AND l.classid::int8 = $2 AND l.objid::int8 = $3::text::regclass::oid::int8",
+            &[&pid, &LOCK_CLASS, &quoted],
+        )
+        .await
+        .map_err(|e| postgres::error::query_error("end a stale poll session", e))?;
+    Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
 }
 
 impl Session<'_> {
@@ -143,14 +176,15 @@ impl Session<'_> {
     /// what the core confirmed, commit. Returns how many rows were read.
     async fn poll_batch(&mut self, client: &mut Client, sql: &PollSql, order: usize) -> Result<usize, RelayError> {
         let table = self.cfg.table.unquoted();
+        let bound = self.cfg.tuning.poll_statement_timeout;
         let poll_err = |action: &'static str, e: tokio_postgres::Error| RelayError::Poll {
             table: table.clone(),
             source: postgres::error::query_error(action, e),
         };
-        let tx = timed(&table, "starting a batch", client.transaction())
+        let tx = timed(&table, bound, "starting a batch", client.transaction())
             .await?
             .map_err(|e| poll_err("start a batch", e))?;
-        let read = timed(&table, "reading a batch", tx.simple_query(&sql.select))
+        let read = timed(&table, bound, "reading a batch", tx.simple_query(&sql.select))
             .await?
             .map_err(|e| poll_err("read a batch of outbox rows", e))?;
         let rows: Vec<_> = read
@@ -161,7 +195,7 @@ impl Session<'_> {
             })
             .collect();
         if rows.is_empty() {
-            timed(&table, "ending an empty poll", tx.commit())
+            timed(&table, bound, "ending an empty poll", tx.commit())
                 .await?
                 .map_err(|e| poll_err("end an empty poll", e))?;
             return Ok(0);
@@ -224,6 +258,7 @@ impl Session<'_> {
         if !oids.is_empty() {
             let deleted = timed(
                 &table,
+                bound,
                 "deleting relayed rows",
                 tx.execute(&sql.delete, &[&oids, &ctids]),
             )
@@ -236,7 +271,7 @@ impl Session<'_> {
             }
             self.metrics.polled_rows_deleted.inc_by(deleted);
         }
-        timed(&table, "committing a batch", tx.commit())
+        timed(&table, bound, "committing a batch", tx.commit())
             .await?
             .map_err(|e| poll_err("commit a batch", e))?;
         if !oids.is_empty() {
@@ -287,13 +322,21 @@ impl Session<'_> {
     }
 }
 
-/// A statement with [`SQL_TIMEOUT`].
-async fn timed<T>(table: &str, step: &'static str, fut: impl Future<Output = T>) -> Result<T, RelayError> {
-    tokio::time::timeout(SQL_TIMEOUT, fut)
+/// A statement with a bound (`tuning.poll_statement_timeout`): a hung connection
+/// ends the session (and rolls the batch back: its rows stay) instead of hanging
+/// the relay.
+async fn timed<T>(
+    table: &str,
+    bound: Duration,
+    step: &'static str,
+    fut: impl Future<Output = T>,
+) -> Result<T, RelayError> {
+    tokio::time::timeout(bound, fut)
         .await
         .map_err(|_| RelayError::PollTimeout {
             table: table.to_string(),
             step,
-            after: SQL_TIMEOUT,
+            after: bound,
+            backend_pid: None,
         })
 }

@@ -105,8 +105,13 @@ pub async fn run_with(
                 Ok(SessionEnd::Shutdown) => return,
                 Err(e) if e.is_slot_in_use() && stale_backend.is_some() => {
                     let pid = stale_backend.take().unwrap_or_default();
-                    match super::retention::end_stale_walsender(&cfg, pid).await {
-                        Ok(true) => info!(pid, "ended the server process of our silent connection; it held the slot"),
+                    let ended = if cfg.poll.is_some() {
+                        session::end_stale_poller(&cfg, pid).await
+                    } else {
+                        super::retention::end_stale_walsender(&cfg, pid).await
+                    };
+                    match ended {
+                        Ok(true) => info!(pid, "ended the server process of our silent connection; it held the slot (or the poller's lock)"),
                         Ok(false) => {}
                         Err(e) => warn!(pid, error = %e, "could not end the server process of our silent connection; waiting for the server to drop it"),
                     }
@@ -122,11 +127,8 @@ pub async fn run_with(
                 }
                 Err(e) => {
                     read_skip = true;
-                    if let session::RelayError::ReplicationTimeout {
-                        backend_pid: Some(pid), ..
-                    } = &e
-                    {
-                        stale_backend = Some(*pid);
+                    if let Some(pid) = e.stale_backend() {
+                        stale_backend = Some(pid);
                     }
                     let category = e.category();
                     handle.metrics.error(category);

@@ -47,6 +47,14 @@ impl Fixture {
     /// [`Self::new`] with the outbox table (`public.outbox`) made by `ddl`, e.g. a
     /// partitioned one.
     pub async fn with_ddl(pg: &Postgres, kafka: &Kafka, prefix: &str, partitions: i32, ddl: &str) -> Fixture {
+        let fx = Self::unprovisioned(pg, kafka, prefix, partitions, ddl).await;
+        fx.provision().await;
+        fx
+    }
+
+    /// [`Self::with_ddl`] without the publication and slot (a polling relay needs
+    /// neither, and a server without `wal_level = logical` could not make them).
+    pub async fn unprovisioned(pg: &Postgres, kafka: &Kafka, prefix: &str, partitions: i32, ddl: &str) -> Fixture {
         let name = unique_name(prefix);
         let db = name.replace('-', "_");
         pg.create_database(&db).await.expect("create database");
@@ -65,7 +73,7 @@ impl Fixture {
                       "producer": {"lingerMs": 2}}
         }))
         .expect("spec");
-        let fx = Fixture {
+        Fixture {
             name,
             db,
             topic,
@@ -75,9 +83,7 @@ impl Fixture {
             pg_user: pg.user().to_string(),
             pg_password: pg.password().to_string(),
             bootstrap: kafka.bootstrap(),
-        };
-        fx.provision().await;
-        fx
+        }
     }
 
     pub fn sql_config(&self) -> PgConnectConfig {
