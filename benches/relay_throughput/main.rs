@@ -399,6 +399,7 @@ async fn run(args: Args) -> Res<()> {
     let n = args.events as f64;
     let pm_section = poll_mode::section(
         &pm,
+        args.rate,
         table_rate,
         median_of(&|x| x.poll.rate()),
         median_of(&|x| x.relay_extra_wal as f64 / n),

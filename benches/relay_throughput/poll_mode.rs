@@ -1,9 +1,11 @@
 //! The relay's own polling mode (`mode: Polling`) next to replication and the
 //! naive polling publisher: drain rate over the same backlog (from the worker
 //! process's start), the WAL it adds per event (its batched deletes), and the
-//! time from an insert's commit to the row leaving the table on an idle relay
-//! (the poller deletes a row only after Kafka acknowledged it, so this bounds
-//! commit → broker acknowledgement from above, poll interval included).
+//! latency two ways: insert → broker append (LogAppendTime) at the bench's
+//! offered rate, like the replication relay's latency phase, and the time from a
+//! single insert's commit to the row leaving the table on an idle relay (the
+//! poller deletes a row only after Kafka acknowledged it, so this bounds commit →
+//! acknowledgement from above, with the idle poll interval in it).
 //!
 //! Runs last, on a table of its own, with no slot involved.
 
@@ -15,8 +17,11 @@ use outbox_operator::relay::config::Credentials;
 use outbox_testbed::{Kafka, OUTBOX_DDL, Postgres};
 
 use crate::drain::{Worker, drain_timeout};
-use crate::setup::{Payload, checkpoint, current_lsn, preload, relay_spec, topic_records};
-use crate::{Args, Res};
+use crate::latency::{offer, read_latencies, unix_micros};
+use crate::setup::{
+    Payload, checkpoint, current_lsn, insert_sql, partition_offsets, preload, relay_spec, topic_records,
+};
+use crate::{Args, DB, Res};
 
 const TABLE: &str = "poll_mode_outbox";
 const TOPIC: &str = "bench.pollmode";
@@ -31,6 +36,10 @@ pub struct PollModeResults {
     pub worker_cpu_secs: f64,
     pub pickup_p50_ms: f64,
     pub pickup_p99_ms: f64,
+    /// At the offered rate: events measured, insert → append p50 and p99.
+    pub offered: u64,
+    pub append_p50_ms: f64,
+    pub append_p99_ms: f64,
 }
 
 async fn rows(sql: &tokio_postgres::Client) -> Res<i64> {
@@ -104,7 +113,40 @@ pub async fn poll_mode_phase(
         }
         pickups.push(t.elapsed().as_secs_f64() * 1000.0);
     }
+
+    // At the offered rate, one event per transaction, like the replication
+    // relay's latency phase.
+    let from = partition_offsets(&kafka.bootstrap(), TOPIC).await?;
+    let writer = pg.client(DB).await?;
+    let stmt = writer
+        .prepare(&insert_sql(
+            args.payload,
+            &format!("public.{TABLE}"),
+            "(SELECT $1::int8 AS i) AS s",
+        ))
+        .await?;
+    let boundary = unix_micros();
+    r.offered = offer(&writer, &stmt, args.rate, args.latency_seconds, args.events).await?;
+    let t = Instant::now();
+    while rows(sql).await? > 0 {
+        if t.elapsed() > Duration::from_secs(60) {
+            worker.stop().await;
+            return Err("the polling relay fell behind the offered rate".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     worker.stop().await;
+    let mut lat: Vec<f64> = read_latencies(&kafka.bootstrap(), TOPIC, from)
+        .await?
+        .into_iter()
+        .filter(|(ts, ..)| *ts >= boundary)
+        .map(|(.., ms)| ms)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    if !lat.is_empty() {
+        r.append_p50_ms = lat[lat.len() / 2];
+        r.append_p99_ms = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+    }
     pickups.sort_by(f64::total_cmp);
     r.pickup_p50_ms = pickups[pickups.len() / 2];
     r.pickup_p99_ms = pickups[(pickups.len() * 99 / 100).min(pickups.len() - 1)];
@@ -113,7 +155,14 @@ pub async fn poll_mode_phase(
 
 /// The report's section, next to the replication relay's and the naive
 /// publisher's medians from the rounds.
-pub fn section(r: &PollModeResults, relay_rate: f64, naive_rate: f64, relay_wal: f64, naive_wal: f64) -> String {
+pub fn section(
+    r: &PollModeResults,
+    rate: u64,
+    relay_rate: f64,
+    naive_rate: f64,
+    relay_wal: f64,
+    naive_wal: f64,
+) -> String {
     format!(
         "### Polling mode\n\n\
          | approach | drain (events/s) | extra WAL per event (bytes) |\n\
@@ -121,8 +170,19 @@ pub fn section(r: &PollModeResults, relay_rate: f64, naive_rate: f64, relay_wal:
          | relay, replication (median of rounds) | {relay_rate:.0} | {relay_wal:.0} |\n\
          | relay, `mode: Polling` (deletes after ack) | {:.0} ({:.1} s, worker CPU {:.1} s) | {:.0} |\n\
          | naive polling publisher (median of rounds) | {naive_rate:.0} | {naive_wal:.0} |\n\n\
-         Polling mode, idle relay, insert commit → row deleted after the broker's ack: \
-         p50 {:.0} ms, p99 {:.0} ms ({PICKUPS} single events; the wait between empty polls grows to 500 ms).\n",
-        r.drain_rate, r.drain_secs, r.worker_cpu_secs, r.extra_wal_per_event, r.pickup_p50_ms, r.pickup_p99_ms,
+         Polling mode at {} events offered ({}/s, one per transaction): insert → broker append \
+         p50 {:.1} ms, p99 {:.1} ms (the replication relay's, at the same rate, is in the first table). Idle relay, a single insert's commit → row deleted after the broker's ack: \
+         p50 {:.0} ms, p99 {:.0} ms ({PICKUPS} events; the wait between empty polls grows to 500 ms, \
+         `maxIntervalMs`).\n",
+        r.drain_rate,
+        r.drain_secs,
+        r.worker_cpu_secs,
+        r.extra_wal_per_event,
+        r.offered,
+        rate,
+        r.append_p50_ms,
+        r.append_p99_ms,
+        r.pickup_p50_ms,
+        r.pickup_p99_ms,
     )
 }
