@@ -209,6 +209,7 @@ pub struct OperatorMetrics {
     pub ready: Family<RelayLabels, Gauge>,
     pub partitions_attached: Family<RelayLabels, Gauge>,
     pub partitions_retiring: Family<RelayLabels, Gauge>,
+    pub poll_backlog_rows: Family<RelayLabels, Gauge>,
     pub deletions_dropped_unrelayed: Counter,
     pub unrelayed_events_dropped: Counter,
     registry: Arc<Registry>,
@@ -231,6 +232,8 @@ pub struct RelayGauges {
     pub lag_critical_bytes: i64,
     /// With `spec.outbox.partitions`: (attached, detached and waiting to be dropped).
     pub partitions: Option<(i64, i64)>,
+    /// `mode: Polling`: rows waiting in the table (counted up to a cap).
+    pub poll_backlog_rows: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -267,6 +270,7 @@ impl OperatorMetrics {
         let ready = Family::<RelayLabels, Gauge>::default();
         let partitions_attached = Family::<RelayLabels, Gauge>::default();
         let partitions_retiring = Family::<RelayLabels, Gauge>::default();
+        let poll_backlog_rows = Family::<RelayLabels, Gauge>::default();
         let deletions_dropped_unrelayed = Counter::default();
         let unrelayed_events_dropped = Counter::default();
 
@@ -341,6 +345,11 @@ impl OperatorMetrics {
         );
         r.register("ready", "1 while the relay's Ready condition is True", ready.clone());
         r.register(
+            "poll_backlog_rows",
+            "Polling mode: rows waiting in the outbox table to be relayed (counted up to 100001: more reads as that)",
+            poll_backlog_rows.clone(),
+        );
+        r.register(
             "partitions_attached",
             "Partitions attached to the relay's outbox table (with spec.outbox.partitions)",
             partitions_attached.clone(),
@@ -377,6 +386,7 @@ impl OperatorMetrics {
             conflict,
             ready,
             partitions_attached,
+            poll_backlog_rows,
             partitions_retiring,
             deletions_dropped_unrelayed,
             unrelayed_events_dropped,
@@ -413,6 +423,9 @@ impl OperatorMetrics {
         self.conflict.get_or_create(&l).set(i64::from(g.conflict));
         self.slot_lag_warning_bytes.get_or_create(&l).set(g.lag_warning_bytes);
         self.slot_lag_critical_bytes.get_or_create(&l).set(g.lag_critical_bytes);
+        if let Some(rows) = g.poll_backlog_rows {
+            self.poll_backlog_rows.get_or_create(&l).set(rows);
+        }
         if let Some((attached, retiring)) = g.partitions {
             self.partitions_attached.get_or_create(&l).set(attached);
             self.partitions_retiring.get_or_create(&l).set(retiring);
@@ -460,6 +473,7 @@ impl OperatorMetrics {
         self.conflict.remove(&l);
         self.partitions_attached.remove(&l);
         self.partitions_retiring.remove(&l);
+        self.poll_backlog_rows.remove(&l);
     }
 
     /// A deletion that dropped `events` outbox events unrelayed.
@@ -550,6 +564,7 @@ mod tests {
                 lag_warning_bytes: 100,
                 lag_critical_bytes: 200,
                 partitions: Some((4, 1)),
+                poll_backlog_rows: Some(7),
             },
         );
         let text = m.encode();
@@ -573,6 +588,7 @@ mod tests {
             "outbox_operator_slot_lag_critical_bytes{namespace=\"shop\",name=\"orders\"} 200",
             "outbox_operator_partitions_attached{namespace=\"shop\",name=\"orders\"} 4",
             "outbox_operator_partitions_retiring{namespace=\"shop\",name=\"orders\"} 1",
+            "outbox_operator_poll_backlog_rows{namespace=\"shop\",name=\"orders\"} 7",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -25,6 +25,7 @@ fn operator_series() -> BTreeMap<String, BTreeSet<String>> {
                 safe_wal_size: Some(1),
                 ..SlotGauges::default()
             }),
+            poll_backlog_rows: Some(1),
             ..RelayGauges::default()
         },
     );

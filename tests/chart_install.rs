@@ -294,6 +294,7 @@ fn operator_metric_names() -> BTreeSet<String> {
         &RelayGauges {
             ready: true,
             slot: Some(slot),
+            poll_backlog_rows: Some(1),
             ..RelayGauges::default()
         },
     );

@@ -238,7 +238,7 @@ async fn a_poison_row_stops_the_poller_at_itself_and_stays_in_the_table() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(left, vec![big, after.clone()]);
+    assert_eq!(left, vec![big.clone(), after.clone()]);
     let records = consume_async(
         &fx.bootstrap,
         &fx.topic,
@@ -251,6 +251,31 @@ async fn a_poison_row_stops_the_poller_at_itself_and_stays_in_the_table() {
         records.iter().all(|r| r.id.as_deref() != Some(after.as_str())),
         "nothing after the poison row may be sent"
     );
+    worker.shutdown().await;
+
+    // What the status says to do works: skip exactly that event (it is parked and
+    // deleted), and the relay goes on.
+    let named = message
+        .split("outbox.dev/skip-event=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the message names the skip request");
+    let cfg = fx.config().with_skip(Some(named)).expect("a valid skip request");
+    let worker = fx.start_worker_with(cfg);
+    consume_async(&fx.bootstrap, &fx.topic, &HashSet::from([after]), WAIT, Duration::ZERO).await;
+    eventually(Duration::from_secs(30), "the outbox emptied", || async {
+        (rows_left(&client).await == 0).then_some(())
+    })
+    .await;
+    let parked: i64 = client
+        .query_one(
+            "SELECT count(*) FROM public.outbox_parked WHERE event_id = $1 AND skipped",
+            &[&big],
+        )
+        .await
+        .expect("park table")
+        .get(0);
+    assert_eq!(parked, 1, "the skipped event is kept whole in the park table");
     worker.shutdown().await;
 }
 

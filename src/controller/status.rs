@@ -562,6 +562,10 @@ pub fn gauges(relay: &OutboxRelay, status: &OutboxRelayStatus, observed: &Observ
             .partitions
             .as_ref()
             .map(|p| (i64::from(p.attached), p.retiring.len() as i64)),
+        poll_backlog_rows: match &observed.database {
+            DatabaseObservation::Polled { facts, .. } => Some(facts.pending_rows),
+            _ => None,
+        },
     }
 }
 
