@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         deleted_relay_is_garbage_collected_and_cleaned_up_per_policy,
         deleted_namespace_finishes_under_both_policies,
         rotated_secret_rolls_the_pods,
+        polling_relay_runs_as_pods_and_its_standby_takes_over,
         // Last: it reads what every test above made the operator do.
         the_chart_grants_every_permission_the_operator_used,
     ])
@@ -295,6 +296,87 @@ async fn deleted_namespace_finishes_under_both_policies() {
     }
     eprintln!("namespace deleted -> gone: {:.1}s", t.elapsed().as_secs_f32());
     assert_objects_per_policy(&case, "dropped", "kept").await;
+}
+
+/// `mode: Polling` as pods: no slot, two workers of which one polls (the other
+/// waits on the advisory lock, Ready as a standby); SIGKILL the active one while
+/// events are written: the standby takes the lock over, every event arrives in
+/// order per key, and every relayed row leaves the table.
+async fn polling_relay_runs_as_pods_and_its_standby_takes_over() {
+    let case = Case::new("polling", 3).await;
+    case.sql()
+        .await
+        .batch_execute("ALTER TABLE public.outbox ADD COLUMN seq bigserial")
+        .await
+        .expect("order column");
+    let spec = case.spec(json!({
+        "mode": "Polling",
+        "polling": {"orderColumn": "seq"},
+        "worker": {"replicas": 2}
+    }));
+    case.create_relay("orders", spec).await;
+    let pods = case.await_ready_pods("orders", 2).await;
+    let phases = await_phases(&pods, |p| {
+        p.iter().filter(|b| *b == "Streaming").count() == 1 && p.iter().filter(|b| *b == "Standby").count() == 1
+    })
+    .await;
+    let (Some(active), Some(standby)) = (
+        phases.iter().position(|b| b == "Streaming"),
+        phases.iter().position(|b| b == "Standby"),
+    ) else {
+        panic!(
+            "want one polling and one standby worker, got {phases:?}\n{}",
+            case.dump("orders").await
+        );
+    };
+    let writer = case.start_writer(5);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let container = pods[active]
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.container_id.clone())
+        .expect("container id");
+    let t = Instant::now();
+    case.cluster
+        .kill_container(&container)
+        .await
+        .expect("kill the active poller");
+    loop {
+        let body = pod_get(&pods[standby], "/readyz").await.map(|(_, b)| b);
+        if body.as_deref() == Some("Streaming") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the standby never took over: {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "standby poller active {:.1}s after the active one was killed",
+        t.elapsed().as_secs_f32()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ids = writer.stop().await;
+    case.assert_delivered("orders", &ids).await;
+    let sql = case.sql().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = sql
+            .query_one("SELECT count(*) FROM public.outbox", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} relayed rows still in the table");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let slot = default_slot_name(&case.ns, "orders");
+    assert!(!case.slot_exists(&slot).await, "a polling relay has no slot");
 }
 
 /// The workers' `/readyz` bodies once `ok` holds for them (or after 30 s).
