@@ -105,7 +105,24 @@ async fn standby_takes_over_when_the_active_pod_is_killed() {
     };
     let writer = case.start_writer(5);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let container = pods[active]
+    let took = kill_and_await_takeover(&case, &pods[active], &pods[standby]).await;
+    eprintln!(
+        "standby worker streaming {:.1}s after the active one was killed",
+        took.as_secs_f32()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ids = writer.stop().await;
+    case.assert_delivered("orders", &ids).await;
+}
+
+/// SIGKILLs the `active` worker's container; returns how long until `standby`
+/// reports `Streaming` (it took the slot, or the poller's lock, over).
+async fn kill_and_await_takeover(
+    case: &Case,
+    active: &k8s_openapi::api::core::v1::Pod,
+    standby: &k8s_openapi::api::core::v1::Pod,
+) -> Duration {
+    let container = active
         .status
         .as_ref()
         .and_then(|s| s.container_statuses.as_ref())
@@ -117,24 +134,17 @@ async fn standby_takes_over_when_the_active_pod_is_killed() {
         .kill_container(&container)
         .await
         .expect("kill active worker");
-    let took = loop {
-        let body = pod_get(&pods[standby], "/readyz").await.map(|(_, b)| b);
+    loop {
+        let body = pod_get(standby, "/readyz").await.map(|(_, b)| b);
         if body.as_deref() == Some("Streaming") {
-            break t.elapsed();
+            return t.elapsed();
         }
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "standby never took over: {body:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    eprintln!(
-        "standby worker streaming {:.1}s after the active one was killed",
-        took.as_secs_f32()
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ids = writer.stop().await;
-    case.assert_delivered("orders", &ids).await;
+    }
 }
 
 /// A spec change renders a new pod template: the Deployment rolls the pods while
@@ -331,32 +341,10 @@ async fn polling_relay_runs_as_pods_and_its_standby_takes_over() {
     };
     let writer = case.start_writer(5);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let container = pods[active]
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.first())
-        .and_then(|c| c.container_id.clone())
-        .expect("container id");
-    let t = Instant::now();
-    case.cluster
-        .kill_container(&container)
-        .await
-        .expect("kill the active poller");
-    loop {
-        let body = pod_get(&pods[standby], "/readyz").await.map(|(_, b)| b);
-        if body.as_deref() == Some("Streaming") {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the standby never took over: {body:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let took = kill_and_await_takeover(&case, &pods[active], &pods[standby]).await;
     eprintln!(
         "standby poller active {:.1}s after the active one was killed",
-        t.elapsed().as_secs_f32()
+        took.as_secs_f32()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ids = writer.stop().await;

@@ -126,15 +126,11 @@ async fn unreachable_database_is_database_unreachable() {
 async fn wal_level_replica_is_wal_level_not_logical() {
     // wal_level cannot change on the shared server; this test gets a private one.
     let components = Components::locate().expect("test bed components");
-    let pg: &'static Postgres = Box::leak(Box::new(Postgres::start(&components).await.expect("private postgres")));
-    pg.client("postgres")
-        .await
-        .expect("connect")
-        .batch_execute("ALTER SYSTEM SET wal_level = replica")
-        .await
-        .expect("set wal_level");
-    pg.stop().await.expect("stop");
-    pg.start_again().await.expect("restart");
+    let pg: &'static Postgres = Box::leak(Box::new(
+        Postgres::with_wal_level(&components, "replica")
+            .await
+            .expect("private postgres"),
+    ));
 
     let h = Harness::start_on(pg, shared().await, "op-wal", Options::default()).await;
     h.create_relay("orders", h.spec(json!({}))).await;

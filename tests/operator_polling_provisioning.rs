@@ -138,15 +138,11 @@ async fn a_bad_order_column_is_named_in_the_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_is_provisioned_where_wal_level_is_not_logical() {
     let components = Components::locate().expect("test bed components");
-    let pg: &'static Postgres = Box::leak(Box::new(Postgres::start(&components).await.expect("private postgres")));
-    pg.client("postgres")
-        .await
-        .expect("connect")
-        .batch_execute("ALTER SYSTEM SET wal_level = replica")
-        .await
-        .expect("set wal_level");
-    pg.stop().await.expect("stop");
-    pg.start_again().await.expect("restart");
+    let pg: &'static Postgres = Box::leak(Box::new(
+        Postgres::with_wal_level(&components, "replica")
+            .await
+            .expect("private postgres"),
+    ));
 
     let h = Harness::start_on(pg, shared().await, "op-poll-wal", Options::default()).await;
     h.sql()

@@ -867,15 +867,10 @@ async fn private_server() -> Postgres {
 
 #[tokio::test]
 async fn wal_level_replica_is_reported() {
-    let pg = private_server().await;
-    let admin = pg.client("postgres").await.expect("connect");
-    admin
-        .batch_execute("ALTER SYSTEM SET wal_level = replica")
+    let components = Components::locate().expect("test bed components");
+    let pg = Postgres::with_wal_level(&components, "replica")
         .await
-        .expect("set wal_level");
-    drop(admin);
-    pg.stop().await.expect("stop");
-    pg.start_again().await.expect("restart");
+        .expect("private postgres");
 
     let client = postgres::connect(&config(&pg, "postgres")).await.expect("connect");
     client.batch_execute(OUTBOX_DDL).await.expect("create outbox");

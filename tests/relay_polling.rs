@@ -326,15 +326,11 @@ async fn under_dead_letter_a_poison_row_is_parked_then_deleted() {
 async fn polling_needs_no_logical_replication_and_no_replication_role() {
     let bed = outbox_testbed::shared().await;
     let components = Components::locate().expect("test bed components");
-    let pg: &'static Postgres = Box::leak(Box::new(Postgres::start(&components).await.expect("private postgres")));
-    pg.client("postgres")
-        .await
-        .expect("connect")
-        .batch_execute("ALTER SYSTEM SET wal_level = replica")
-        .await
-        .expect("set wal_level");
-    pg.stop().await.expect("stop");
-    pg.start_again().await.expect("restart");
+    let pg: &'static Postgres = Box::leak(Box::new(
+        Postgres::with_wal_level(&components, "replica")
+            .await
+            .expect("private postgres"),
+    ));
 
     let mut fx = polling_fixture(pg, &bed.kafka, "poll-replica", 2).await;
     let admin = pg.client(&fx.db).await.expect("connect");

@@ -250,6 +250,22 @@ impl Postgres {
         self.server.ensure_stopped()?;
         self.launch().await
     }
+
+    /// A private server whose `wal_level` is `level` (e.g. `replica`: no logical
+    /// decoding), for tests of what a relay does on such a server. The setting
+    /// needs a restart, so it cannot be changed on a shared server.
+    pub async fn with_wal_level(c: &Components, level: &str) -> Result<Self> {
+        let pg = Self::start(c).await?;
+        let admin = pg.client("postgres").await?;
+        admin
+            .batch_execute(&format!("ALTER SYSTEM SET wal_level = {level}"))
+            .await
+            .context(|| format!("setting wal_level = {level}"))?;
+        drop(admin);
+        pg.stop().await?;
+        pg.start_again().await?;
+        Ok(pg)
+    }
 }
 
 fn append(path: &Path, text: &str) -> Result<()> {
