@@ -35,6 +35,7 @@ pub mod scope;
 pub use scope::WatchScope;
 pub mod secrets;
 pub mod status;
+mod triggers;
 pub mod validate;
 pub mod worker_rbac;
 
@@ -57,7 +58,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
-use kube::runtime::watcher;
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, instrument, warn};
 
@@ -209,6 +210,8 @@ pub async fn run(
         config.scope.apis::<PartialObjectMeta<Secret>>(&client),
         watcher::Config::default().any_semantic(),
     );
+    // Not on the operator's own status writes (see `triggers`).
+    let relays = relays.predicate_filter(triggers::relevant, PredicateConfig::default());
     let controller = Controller::for_stream(relays, store.clone());
 
     let ready = handle.ready.clone();
