@@ -38,7 +38,7 @@ pub struct Latency {
 
 /// Inserts `rate` events/s for `secs` seconds, one event per autocommit
 /// transaction, pipelined on one connection; returns how many.
-async fn offer(
+pub async fn offer(
     writer: &tokio_postgres::Client,
     stmt: &tokio_postgres::Statement,
     rate: u64,
@@ -201,7 +201,7 @@ fn histogram_quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
 /// Reads every record from `from` to the current end and returns, per record,
 /// the insert time in its payload (Unix µs), its partition, and broker append
 /// time minus insert time in milliseconds.
-async fn read_latencies(bootstrap: &str, topic: &str, from: Vec<i64>) -> Res<Vec<(i64, i32, f64)>> {
+pub async fn read_latencies(bootstrap: &str, topic: &str, from: Vec<i64>) -> Res<Vec<(i64, i32, f64)>> {
     let end = partition_offsets(bootstrap, topic).await?;
     let (b, t) = (bootstrap.to_string(), topic.to_string());
     tokio::task::spawn_blocking(move || -> Res<Vec<(i64, i32, f64)>> {

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 mod cpu;
+mod debezium;
 mod drain;
 mod latency;
 mod messages;
@@ -90,10 +91,12 @@ struct Args {
     compression: String,
     payload: Payload,
     rounds: usize,
+    /// Also measure Kafka Connect with Debezium (debezium.rs).
+    with_debezium: bool,
 }
 
 const USAGE: &str = "usage: relay_throughput [--events N] [--rate R] [--latency-seconds S] [--warmup-seconds W] \
-[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--out FILE] [--dump-latencies CSV]";
+[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--with-debezium] [--out FILE] [--dump-latencies CSV]";
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self, String> {
@@ -110,6 +113,7 @@ impl Args {
             compression: "lz4".into(),
             payload: Payload::Order,
             rounds: 3,
+            with_debezium: false,
         };
         let mut it = raw.iter();
         while let Some(arg) = it.next() {
@@ -119,6 +123,10 @@ impl Args {
             };
             // cargo bench appends --bench to the harness's arguments.
             if key == "--bench" {
+                continue;
+            }
+            if key == "--with-debezium" {
+                a.with_debezium = true;
                 continue;
             }
             let mut value = || {
@@ -272,6 +280,11 @@ async fn run(args: Args) -> Res<()> {
         )
         .await?;
     }
+    let dbz = match args.with_debezium {
+        true => Some(debezium::Debezium::prepare(&args, &components, &pg, &kafka, &sql, dir.path()).await?),
+        false => None,
+    };
+    let mut dbz_results = debezium::DebeziumResults::default();
     checkpoint(&sql).await?;
 
     log(format!("preloading {} outbox rows", args.events));
@@ -355,6 +368,12 @@ async fn run(args: Args) -> Res<()> {
         }
         r.poll_log_bytes = kafka_log_bytes(&kafka, &n.poll_topic);
         checkpoint(&sql).await?;
+
+        if let Some(d) = &dbz {
+            log(format!("{tag}: draining with Kafka Connect and Debezium"));
+            dbz_results.rounds.push(d.drain(&pg, i, args.events, kafka_pid).await?);
+            checkpoint(&sql).await?;
+        }
         r.rounds.push(round);
     }
 
@@ -371,6 +390,9 @@ async fn run(args: Args) -> Res<()> {
     r.lat = latency(&args, &pg, &kafka.bootstrap(), &sql, &cfg.slot, &mut worker, kafka_pid).await?;
     r.relay_rss_after_latency_kib = worker.peak_rss_kib()?;
     worker.stop().await;
+    if let Some(d) = &dbz {
+        dbz_results.lat = d.latency(&args, &pg, &sql, kafka_pid).await?;
+    }
 
     // The tableless outbox last: it deletes the outbox rows it measures the delete of.
     let mut rates: Vec<f64> = r.rounds.iter().map(|round| round.relay.rate()).collect();
@@ -388,11 +410,14 @@ async fn run(args: Args) -> Res<()> {
     )
     .await?;
 
-    let report = format!(
+    let mut report = format!(
         "{}\n{}",
         report(&args, &r, &machine, started.elapsed()),
         messages::section(&m)
     );
+    if dbz.is_some() {
+        report.push_str(&debezium::section(&args, &r, &dbz_results));
+    }
     println!("\n{report}");
     if let Some(path) = &args.out {
         std::fs::write(path, &report)?;
