@@ -91,12 +91,14 @@ struct Args {
     compression: String,
     payload: Payload,
     rounds: usize,
-    /// Also measure Kafka Connect with Debezium (debezium.rs).
+    /// Also measure Kafka Connect with Debezium (debezium/).
     with_debezium: bool,
+    /// Debezium's poll.interval.ms; its own default (500) when not given.
+    debezium_poll_ms: Option<u64>,
 }
 
 const USAGE: &str = "usage: relay_throughput [--events N] [--rate R] [--latency-seconds S] [--warmup-seconds W] \
-[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--with-debezium] [--out FILE] [--dump-latencies CSV]";
+[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--with-debezium] [--debezium-poll-interval-ms MS] [--out FILE] [--dump-latencies CSV]";
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self, String> {
@@ -114,6 +116,7 @@ impl Args {
             payload: Payload::Order,
             rounds: 3,
             with_debezium: false,
+            debezium_poll_ms: None,
         };
         let mut it = raw.iter();
         while let Some(arg) = it.next() {
@@ -149,6 +152,7 @@ impl Args {
                 "--compression" => a.compression = value()?,
                 "--payload" => a.payload = Payload::parse(&value()?)?,
                 "--rounds" => a.rounds = num(value()?)? as usize,
+                "--debezium-poll-interval-ms" => a.debezium_poll_ms = Some(num(value()?)?),
                 _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
             }
         }

@@ -87,6 +87,7 @@ pub struct Debezium {
     pg_password: String,
     compression: String,
     partitions: i32,
+    poll_ms: Option<u64>,
     dir: PathBuf,
 }
 
@@ -125,6 +126,7 @@ impl Debezium {
             pg_password: pg.password().to_string(),
             compression: args.compression.clone(),
             partitions: args.partitions,
+            poll_ms: args.debezium_poll_ms,
             dir: dir.join("debezium"),
         };
         std::fs::create_dir_all(&d.dir)?;
@@ -157,11 +159,16 @@ impl Debezium {
         // default; the Java producer's 16 KiB default would send far smaller
         // batches, so batch.size is raised to match. String converters: the key is
         // the aggregate id and the value the payload's JSON text, byte for byte what
-        // the relay writes.
+        // the relay writes. plugin.discovery=service_load: Connect's own start-up
+        // warning recommends it when every plugin has ServiceLoader manifests, as
+        // Debezium's do; the default (hybrid) also scans every class by reflection,
+        // 6–7 s more on two busy cores. Offsets flush every second so the slot's
+        // confirmed position follows closely; nothing here waits for it.
         let worker = format!(
             "bootstrap.servers={bootstrap}\n\
              listeners=http://127.0.0.1:{rest_port}\n\
              plugin.path={plugins}\n\
+             plugin.discovery=service_load\n\
              offset.storage.file.filename={offsets}\n\
              offset.flush.interval.ms=1000\n\
              key.converter=org.apache.kafka.connect.storage.StringConverter\n\
@@ -209,7 +216,13 @@ impl Debezium {
              transforms.outbox.table.field.event.key=aggregateid\n\
              transforms.outbox.table.field.event.payload=payload\n\
              transforms.outbox.table.fields.additional.placement=type:header:type\n\
-             transforms.outbox.route.topic.replacement={topic}\n",
+             transforms.outbox.route.topic.replacement={topic}\n\
+             {poll}",
+            // Unset unless asked for: the documented default (500 ms) is what an
+            // outbox set up from the documentation runs with.
+            poll = self
+                .poll_ms
+                .map_or(String::new(), |ms| format!("poll.interval.ms={ms}\n")),
             host = self.pg_host,
             port = self.pg_port,
             user = self.pg_user,
@@ -298,6 +311,12 @@ impl Debezium {
         let cpu = CpuSample::take(pg, kafka_pid)?.since(&before, connect.cpu_secs());
         let rss_kib = connect.peak_rss_kib()?;
         connect.stop().await;
+        if round == 0 {
+            match describe_a_record(&self.bootstrap, &topic, self.partitions) {
+                Ok(d) => log(format!("debezium: a record of {topic}: {d}")),
+                Err(e) => log(format!("debezium: could not read back a record of {topic}: {e}")),
+            }
+        }
         Ok(DebeziumDrain {
             drain: Drain {
                 secs,
@@ -415,6 +434,39 @@ fn unix_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// One record as Connect wrote it, for the log (key, header names, the value's
+/// start): shows that the router produced what the relay produces.
+fn describe_a_record(bootstrap: &str, topic: &str, partitions: i32) -> Res<String> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::message::{Headers, Message};
+    let c = consumer(bootstrap)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let Some(m) = c.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let m = m?;
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+            let headers: Vec<String> = m
+                .headers()
+                .map(|h| h.iter().map(|h| h.key.to_string()).collect())
+                .unwrap_or_default();
+            let value: String = String::from_utf8_lossy(m.payload().unwrap_or_default())
+                .chars()
+                .take(60)
+                .collect();
+            return Ok(format!("key {key:?}, headers [{}], value {value}…", headers.join(", ")));
+        }
+        Err("no record within 10 s".into())
+    })
 }
 
 /// The records on a topic (sum of its high watermarks), with one consumer kept

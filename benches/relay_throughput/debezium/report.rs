@@ -153,10 +153,19 @@ pub fn section(args: &Args, r: &Results, d: &DebeziumResults) -> String {
     let _ = writeln!(
         o,
         "- Producer: acks=all, idempotence, 5 requests in flight, {} compression, linger 5 ms, batch.size \
-         1 000 000 (librdkafka's default, which the relay uses). Debezium's own batching left at its defaults \
-         (max.batch.size 2048, max.queue.size 8192, poll.interval.ms 500).",
-        args.compression
+         1 000 000 (librdkafka's default, which the relay uses). Debezium's own batching at its defaults \
+         (max.batch.size 2048, max.queue.size 8192), poll.interval.ms {}.",
+        args.compression,
+        args.debezium_poll_ms
+            .map_or("500 (Debezium's default)".to_string(), |ms| format!(
+                "{ms} (--debezium-poll-interval-ms)"
+            )),
     );
-    let _ = writeln!(o, "\nReproduce: add `--with-debezium` to the command above.");
+    let _ = writeln!(
+        o,
+        "\nReproduce: add `--with-debezium{}` to the command above.",
+        args.debezium_poll_ms
+            .map_or(String::new(), |ms| format!(" --debezium-poll-interval-ms {ms}"))
+    );
     o
 }
