@@ -375,7 +375,9 @@ async fn run(args: Args) -> Res<()> {
 
         if let Some(d) = &dbz {
             log(format!("{tag}: draining with Kafka Connect and Debezium"));
-            dbz_results.rounds.push(d.drain(&pg, i, args.events, kafka_pid).await?);
+            dbz_results
+                .rounds
+                .push(d.drain(&pg, &kafka, i, args.events, kafka_pid).await?);
             checkpoint(&sql).await?;
         }
         r.rounds.push(round);

@@ -23,7 +23,7 @@ use rdkafka::consumer::BaseConsumer;
 use crate::cpu::{Cpu, CpuSample, proc_cpu_secs};
 use crate::drain::{Drain, drain_timeout, steady_rate};
 use crate::latency::{offer, read_latencies};
-use crate::setup::{consumer, insert_sql, partition_offsets};
+use crate::setup::{consumer, insert_sql, kafka_log_bytes, partition_offsets};
 use crate::{Args, DB, Res, log};
 
 mod report;
@@ -52,6 +52,8 @@ pub struct DebeziumDrain {
     /// Seconds from the JVM's start to the first record on the topic.
     pub first_record: Option<f64>,
     pub rss_kib: u64,
+    /// The topic's log segments on the broker's disk after the drain.
+    pub log_bytes: u64,
 }
 
 /// The latency phase of the baseline: insert→broker append, exact per event.
@@ -276,7 +278,14 @@ impl Debezium {
 
     /// Drains round `round`'s backlog: Connect from its start until the topic
     /// holds `events` records.
-    pub async fn drain(&self, pg: &Postgres, round: usize, events: i64, kafka_pid: u32) -> Res<DebeziumDrain> {
+    pub async fn drain(
+        &self,
+        pg: &Postgres,
+        kafka: &Kafka,
+        round: usize,
+        events: i64,
+        kafka_pid: u32,
+    ) -> Res<DebeziumDrain> {
         let topic = drain_topic(round);
         let watch = TopicWatch::new(&self.bootstrap, &topic, self.partitions)?;
         let base = watch.records()?;
@@ -326,6 +335,7 @@ impl Debezium {
             },
             first_record,
             rss_kib,
+            log_bytes: kafka_log_bytes(kafka, &topic),
         })
     }
 

@@ -94,6 +94,14 @@ pub fn section(args: &Args, r: &Results, d: &DebeziumResults) -> String {
         &mib,
         &col(&|x, y| y.rss_kib as f64 / x.relay_rss_kib.max(1) as f64),
     );
+    let dbz_log = d.rounds.last().map_or(0, |y| y.log_bytes);
+    let _ = writeln!(
+        o,
+        "| Bytes per event on the broker's disk (last round's topic) | {:.0} | {:.0} | {} |",
+        r.relay_log_bytes as f64 / n as f64,
+        dbz_log as f64 / n as f64,
+        times(dbz_log as f64 / r.relay_log_bytes.max(1) as f64),
+    );
     let _ = writeln!(
         o,
         "| Insert→broker append p50 / p99 / max at {:.0} events/s offered | {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms | {} / {} |",
@@ -160,6 +168,13 @@ pub fn section(args: &Args, r: &Results, d: &DebeziumResults) -> String {
             .map_or("500 (Debezium's default)".to_string(), |ms| format!(
                 "{ms} (--debezium-poll-interval-ms)"
             )),
+    );
+    let _ = writeln!(
+        o,
+        "- Records: key = aggregateid, value = the payload's JSON text, headers `id` and `type` as the relay's, \
+         plus Debezium's four `__debezium.context.*` headers (`extended.headers.enabled`, on by default); \
+         Connect's log says it cannot load Debezium's CloudEventsConverter against this Connect's JsonConverter, \
+         which this set-up does not use."
     );
     let _ = writeln!(
         o,
