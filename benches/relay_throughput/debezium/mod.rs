@@ -51,6 +51,8 @@ pub struct DebeziumDrain {
     pub drain: Drain,
     /// Seconds from the JVM's start to the first record on the topic.
     pub first_record: Option<f64>,
+    /// The JVM's CPU seconds by then: what start-up cost.
+    pub first_record_cpu: f64,
     pub rss_kib: u64,
     /// The topic's log segments on the broker's disk after the drain.
     pub log_bytes: u64,
@@ -295,12 +297,14 @@ impl Debezium {
         let deadline = t + drain_timeout(events);
         let mut progress = Vec::new();
         let mut first_record = None;
+        let mut first_record_cpu = 0.0;
         loop {
             let n = watch.records()? - base;
             let at = t.elapsed().as_secs_f64();
             progress.push((at, n));
             if first_record.is_none() && n > 0 {
                 first_record = Some(at);
+                first_record_cpu = connect.cpu_secs();
             }
             if n >= events {
                 break;
@@ -334,6 +338,7 @@ impl Debezium {
                 steady: steady_rate(&progress, 0, events, events),
             },
             first_record,
+            first_record_cpu,
             rss_kib,
             log_bytes: kafka_log_bytes(kafka, &topic),
         })

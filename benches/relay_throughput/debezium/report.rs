@@ -134,20 +134,24 @@ pub fn section(args: &Args, r: &Results, d: &DebeziumResults) -> String {
     let _ = writeln!(o, "\nEach round:\n");
     let _ = writeln!(
         o,
-        "| Round | Relay | Debezium | Debezium 10–90 % | Debezium / relay | First record | Connect CPU | Connect peak RSS |"
+        "| Round | Relay | Debezium | Debezium 10–90 % | Debezium / relay | First record | Connect CPU | PostgreSQL / Kafka CPU | Other processes' CPU | Connect peak RSS |"
     );
-    let _ = writeln!(o, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(o, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (i, (x, y)) in pairs.iter().enumerate() {
         let _ = writeln!(
             o,
-            "| {} | {:.0}/s | {:.0}/s | {:.0}/s | {:.2}× | {} | {:.1} s | {:.1} MiB |",
+            "| {} | {:.0}/s | {:.0}/s | {:.0}/s | {:.2}× | {} | {:.1} s | {:.1} s / {:.1} s | {:.1} s | {:.1} MiB |",
             i + 1,
             x.relay.rate(),
             y.drain.rate(),
             steady(&y.drain),
             y.drain.rate() / x.relay.rate(),
-            y.first_record.map_or("n/a".into(), |t| format!("{t:.2} s")),
+            y.first_record
+                .map_or("n/a".into(), |t| format!("{t:.2} s ({:.1} CPU-s)", y.first_record_cpu)),
             y.drain.cpu.client,
+            y.drain.cpu.postgres,
+            y.drain.cpu.kafka,
+            y.drain.cpu.other,
             y.rss_kib as f64 / 1024.0,
         );
     }
