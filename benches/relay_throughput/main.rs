@@ -19,6 +19,8 @@
 //! tableless outbox: WAL per event and drain rate next to the table's), `cpu` (who burnt
 //! the CPU during a phase) and `report` (targets, ratios, the PASS/MISS table).
 //! This file holds the options and `run`, which puts the phases in order.
+//! With `--with-debezium`, `debezium` adds Kafka Connect with Debezium's outbox
+//! router as a further baseline, in each round and after the latency phase.
 #![forbid(unsafe_code)]
 
 mod cpu;
