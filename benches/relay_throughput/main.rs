@@ -19,9 +19,12 @@
 //! tableless outbox: WAL per event and drain rate next to the table's), `cpu` (who burnt
 //! the CPU during a phase) and `report` (targets, ratios, the PASS/MISS table).
 //! This file holds the options and `run`, which puts the phases in order.
+//! With `--with-debezium`, `debezium` adds Kafka Connect with Debezium's outbox
+//! router as a further baseline, in each round and after the latency phase.
 #![forbid(unsafe_code)]
 
 mod cpu;
+mod debezium;
 mod drain;
 mod latency;
 mod messages;
@@ -91,10 +94,14 @@ struct Args {
     compression: String,
     payload: Payload,
     rounds: usize,
+    /// Also measure Kafka Connect with Debezium (debezium/).
+    with_debezium: bool,
+    /// Debezium's poll.interval.ms; its own default (500) when not given.
+    debezium_poll_ms: Option<u64>,
 }
 
 const USAGE: &str = "usage: relay_throughput [--events N] [--rate R] [--latency-seconds S] [--warmup-seconds W] \
-[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--out FILE] [--dump-latencies CSV]";
+[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--with-debezium] [--debezium-poll-interval-ms MS] [--out FILE] [--dump-latencies CSV]";
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self, String> {
@@ -111,6 +118,8 @@ impl Args {
             compression: "lz4".into(),
             payload: Payload::Order,
             rounds: 3,
+            with_debezium: false,
+            debezium_poll_ms: None,
         };
         let mut it = raw.iter();
         while let Some(arg) = it.next() {
@@ -120,6 +129,10 @@ impl Args {
             };
             // cargo bench appends --bench to the harness's arguments.
             if key == "--bench" {
+                continue;
+            }
+            if key == "--with-debezium" {
+                a.with_debezium = true;
                 continue;
             }
             let mut value = || {
@@ -142,6 +155,7 @@ impl Args {
                 "--compression" => a.compression = value()?,
                 "--payload" => a.payload = Payload::parse(&value()?)?,
                 "--rounds" => a.rounds = num(value()?)? as usize,
+                "--debezium-poll-interval-ms" => a.debezium_poll_ms = Some(num(value()?)?),
                 _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
             }
         }
@@ -273,6 +287,11 @@ async fn run(args: Args) -> Res<()> {
         )
         .await?;
     }
+    let dbz = match args.with_debezium {
+        true => Some(debezium::Debezium::prepare(&args, &components, &pg, &kafka, &sql, dir.path()).await?),
+        false => None,
+    };
+    let mut dbz_results = debezium::DebeziumResults::default();
     checkpoint(&sql).await?;
 
     log(format!("preloading {} outbox rows", args.events));
@@ -356,6 +375,14 @@ async fn run(args: Args) -> Res<()> {
         }
         r.poll_log_bytes = kafka_log_bytes(&kafka, &n.poll_topic);
         checkpoint(&sql).await?;
+
+        if let Some(d) = &dbz {
+            log(format!("{tag}: draining with Kafka Connect and Debezium"));
+            dbz_results
+                .rounds
+                .push(d.drain(&pg, &kafka, i, args.events, kafka_pid).await?);
+            checkpoint(&sql).await?;
+        }
         r.rounds.push(round);
     }
 
@@ -372,6 +399,9 @@ async fn run(args: Args) -> Res<()> {
     r.lat = latency(&args, &pg, &kafka.bootstrap(), &sql, &cfg.slot, &mut worker, kafka_pid).await?;
     r.relay_rss_after_latency_kib = worker.peak_rss_kib()?;
     worker.stop().await;
+    if let Some(d) = &dbz {
+        dbz_results.lat = d.latency(&args, &pg, &sql, kafka_pid).await?;
+    }
 
     // The tableless outbox last: it deletes the outbox rows it measures the delete of.
     let mut rates: Vec<f64> = r.rounds.iter().map(|round| round.relay.rate()).collect();
@@ -406,12 +436,15 @@ async fn run(args: Args) -> Res<()> {
         median_of(&|x| x.poll_extra_wal as f64 / n),
     );
 
-    let report = format!(
+    let mut report = format!(
         "{}\n{}\n{}",
         report(&args, &r, &machine, started.elapsed()),
         messages::section(&m),
         pm_section
     );
+    if dbz.is_some() {
+        report.push_str(&debezium::section(&args, &r, &dbz_results));
+    }
     println!("\n{report}");
     if let Some(path) = &args.out {
         std::fs::write(path, &report)?;

@@ -83,7 +83,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// `median (min–max)` of one figure over the rounds, or just the value for one round.
-fn spread(v: &[f64], fmt: impl Fn(f64) -> String) -> String {
+pub fn spread(v: &[f64], fmt: impl Fn(f64) -> String) -> String {
     let med = median(v.to_vec());
     if v.len() < 2 {
         return fmt(med);
