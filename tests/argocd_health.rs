@@ -81,12 +81,14 @@ fn declared_reasons() -> BTreeSet<String> {
 
 /// Every reason: the Ready status it comes with, and the health Argo CD shows.
 /// Reasons of the other conditions only (`Provisioned`, `LagWithinThresholds`,
-/// `LagWarning`, `WorkerAvailable`) appear here with Ready True: the relay moves events.
+/// `LagWarning`, `Polling`, `WorkerAvailable`) appear here with Ready True: the relay
+/// moves events.
 const EXPECTED: &[(&str, &str, &str)] = &[
     ("Relaying", "True", "Healthy"),
     ("Provisioned", "True", "Healthy"),
     ("LagWithinThresholds", "True", "Healthy"),
     ("LagWarning", "True", "Healthy"),
+    ("Polling", "True", "Healthy"),
     ("WorkerAvailable", "True", "Healthy"),
     ("Suspended", "True", "Suspended"),
     ("WorkerProgressing", "False", "Progressing"),
