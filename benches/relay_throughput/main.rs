@@ -21,6 +21,7 @@
 //! This file holds the options and `run`, which puts the phases in order.
 #![forbid(unsafe_code)]
 
+mod contention;
 mod cpu;
 mod drain;
 mod latency;
@@ -50,6 +51,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 const DB: &str = "bench";
 const LATENCY_TOPIC: &str = "bench.latency";
 const LATENCY_SLOT: &str = "bench_latency";
+const LATENCY_SLOT_HIGH: &str = "bench_latency_high";
 
 /// The outbox table the relay reads, as in the integration tests.
 use outbox_testbed::OUTBOX_DDL;
@@ -90,10 +92,17 @@ struct Args {
     compression: String,
     payload: Payload,
     rounds: usize,
+    /// Quota and hog rounds, and small transactions under the quota (contention.rs).
+    contention: bool,
+    quota_millicores: u64,
+    hogs: Option<usize>,
+    small_events: i64,
+    high_rate: u64,
 }
 
 const USAGE: &str = "usage: relay_throughput [--events N] [--rate R] [--latency-seconds S] [--warmup-seconds W] \
-[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--out FILE] [--dump-latencies CSV]";
+[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--out FILE] [--dump-latencies CSV] \
+[--contention] [--quota-millicores M] [--hogs K] [--small-events N] [--high-rate R]";
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self, String> {
@@ -110,6 +119,11 @@ impl Args {
             compression: "lz4".into(),
             payload: Payload::Order,
             rounds: 3,
+            contention: false,
+            quota_millicores: 500,
+            hogs: None,
+            small_events: 50_000,
+            high_rate: 10_000,
         };
         let mut it = raw.iter();
         while let Some(arg) = it.next() {
@@ -141,6 +155,11 @@ impl Args {
                 "--compression" => a.compression = value()?,
                 "--payload" => a.payload = Payload::parse(&value()?)?,
                 "--rounds" => a.rounds = num(value()?)? as usize,
+                "--contention" => a.contention = true,
+                "--quota-millicores" => a.quota_millicores = num(value()?)?,
+                "--hogs" => a.hogs = Some(num(value()?)? as usize),
+                "--small-events" => a.small_events = num(value()?)? as i64,
+                "--high-rate" => a.high_rate = num(value()?)?,
                 _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
             }
         }
@@ -272,6 +291,21 @@ async fn run(args: Args) -> Res<()> {
         )
         .await?;
     }
+    let bed = contention::Bed {
+        args: &args,
+        pg: &pg,
+        kafka: &kafka,
+        sql: &sql,
+        kafka_pid,
+        creds: &creds,
+        dir: dir.path(),
+    };
+    let mut contended = Vec::new();
+    for i in 0..if args.contention { args.rounds } else { 0 } {
+        let quota = contention::prepare(&bed, &format!("quota.{i}")).await?;
+        contended.push((quota, contention::prepare(&bed, &format!("hog.{i}")).await?));
+    }
+    let mut c = contention::ContentionResults::default();
     checkpoint(&sql).await?;
 
     log(format!("preloading {} outbox rows", args.events));
@@ -308,6 +342,7 @@ async fn run(args: Args) -> Res<()> {
             &out_file,
             args.events,
             kafka_pid,
+            None,
         )
         .await?;
         round.recv_file_bytes = std::fs::metadata(&out_file).map(|m| m.len()).unwrap_or(0);
@@ -357,6 +392,10 @@ async fn run(args: Args) -> Res<()> {
         checkpoint(&sql).await?;
         r.rounds.push(round);
     }
+    contention::rounds(&bed, &contended, (lsn0, lsn1), &mut c).await?;
+    if args.small_events > 0 {
+        contention::small_transactions(&bed, &mut c).await?;
+    }
 
     // Latency at a steady offered rate: a worker on a slot of its own, created
     // now, so it has no backlog to work through first.
@@ -371,6 +410,23 @@ async fn run(args: Args) -> Res<()> {
     r.lat = latency(&args, &pg, &kafka.bootstrap(), &sql, &cfg.slot, &mut worker, kafka_pid).await?;
     r.relay_rss_after_latency_kib = worker.peak_rss_kib()?;
     worker.stop().await;
+    if args.high_rate > 0 {
+        let spec = relay_spec(&pg, &kafka, &args.compression, LATENCY_SLOT_HIGH, LATENCY_TOPIC)?;
+        let cfg = RelayConfig::from_spec("bench", "bench", &spec, &creds)?;
+        provision(&cfg, &spec, &pg).await?;
+        let mut worker = Worker::spawn(&spec, &creds, dir.path())?;
+        log(format!(
+            "offering {} events/s for {} s",
+            args.high_rate, args.latency_seconds
+        ));
+        let high = Args {
+            rate: args.high_rate,
+            dump_latencies: None,
+            ..args.clone()
+        };
+        c.high_rate = Some(latency(&high, &pg, &kafka.bootstrap(), &sql, &cfg.slot, &mut worker, kafka_pid).await?);
+        worker.stop().await;
+    }
 
     // The tableless outbox last: it deletes the outbox rows it measures the delete of.
     let mut rates: Vec<f64> = r.rounds.iter().map(|round| round.relay.rate()).collect();
@@ -389,9 +445,10 @@ async fn run(args: Args) -> Res<()> {
     .await?;
 
     let report = format!(
-        "{}\n{}",
+        "{}\n{}\n{}",
         report(&args, &r, &machine, started.elapsed()),
-        messages::section(&m)
+        messages::section(&m),
+        contention::section(&c, &r.rounds, &r.lat)
     );
     println!("\n{report}");
     if let Some(path) = &args.out {
