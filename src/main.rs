@@ -90,8 +90,7 @@ struct RelayArgs {
     listen: SocketAddr,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => {
@@ -104,11 +103,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Relay(args) => {
             telemetry::init(cli.log_format, "info");
-            run_relay(args).await
+            // One thread for the worker's own code: a session is one sequential
+            // pipeline (read, decode, map, hand to librdkafka, take acks), and
+            // librdkafka runs its own threads. On a multi-thread runtime the
+            // socket's readiness is picked up by a runtime worker that then wakes
+            // the session's thread: two threads woken per read, and idle workers
+            // spinning for work, which costs most when the cores are shared.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(run_relay(args))
         }
         Command::Operator(args) => {
             telemetry::init(cli.log_format, "info");
-            run_operator(args).await
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run_operator(args))
         }
     }
 }

@@ -19,6 +19,7 @@ use outbox_operator::relay::lsn::Lsn;
 use outbox_testbed::{Postgres, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::contention::Cgroup;
 use crate::cpu::{Cpu, CpuSample, proc_cpu_secs};
 use crate::{DB, Res, log};
 
@@ -161,7 +162,7 @@ impl Worker {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -241,6 +242,7 @@ pub async fn recvlogical(
     out: &Path,
     events: i64,
     kafka_pid: u32,
+    cgroup: Option<&Cgroup>,
 ) -> Res<Drain> {
     let before = CpuSample::take(pg, kafka_pid)?;
     let t = Instant::now();
@@ -256,6 +258,9 @@ pub async fn recvlogical(
         .env("PGPASSWORD", pg.password())
         .stdin(Stdio::null())
         .spawn()?;
+    if let Some(cg) = cgroup {
+        cg.add(child.id())?;
+    }
     // Sampled while it runs: once it exits, its times are folded into ours.
     let pid = child.id();
     let mut child_cpu = 0.0;

@@ -37,10 +37,9 @@ pub struct Latency {
 }
 
 /// Inserts `rate` events/s for `secs` seconds, one event per autocommit
-/// transaction, pipelined on one connection; returns how many.
+/// transaction, pipelined on the connections in turn; returns how many.
 pub async fn offer(
-    writer: &tokio_postgres::Client,
-    stmt: &tokio_postgres::Statement,
+    writers: &[(tokio_postgres::Client, tokio_postgres::Statement)],
     rate: u64,
     secs: u64,
     first_seq: i64,
@@ -56,6 +55,7 @@ pub async fn offer(
         let due = ((t.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
         let inserts = (sent..due).map(|k| {
             let seq = first_seq + k as i64;
+            let (writer, stmt) = &writers[k as usize % writers.len()];
             async move { writer.execute(stmt, &[&seq]).await }
         });
         for r in join_all(inserts).await {
@@ -85,30 +85,29 @@ pub async fn latency(
     kafka_pid: u32,
 ) -> Res<Latency> {
     let start_offsets = partition_offsets(bootstrap, LATENCY_TOPIC).await?;
-    let writer = pg.client(DB).await?;
-    let stmt = writer
-        .prepare(&insert_sql(
-            args.payload,
-            "public.outbox",
-            "(SELECT $1::int8 AS i) AS s",
-        ))
-        .await?;
+    // One connection commits a few thousand single-row transactions a second
+    // here (each commit waits for its WAL flush); higher rates get more of them.
+    let mut writers = Vec::new();
+    for _ in 0..args.rate.div_ceil(2500) {
+        let writer = pg.client(DB).await?;
+        let stmt = writer
+            .prepare(&insert_sql(
+                args.payload,
+                "public.outbox",
+                "(SELECT $1::int8 AS i) AS s",
+            ))
+            .await?;
+        writers.push((writer, stmt));
+    }
     // The same load without counting it first: the broker's JIT and the page cache
     // of fresh log segments make the first seconds slower than the steady state.
-    let warm = offer(&writer, &stmt, args.rate, args.warmup_seconds, args.events).await?;
+    let warm = offer(&writers, args.rate, args.warmup_seconds, args.events).await?;
     let boundary_us = unix_micros();
     let h0 = parse_histogram(&worker.metrics().await?);
     let before = CpuSample::take(pg, kafka_pid)?;
     let worker_cpu0 = worker.cpu_secs();
     let t = Instant::now();
-    let total = offer(
-        &writer,
-        &stmt,
-        args.rate,
-        args.latency_seconds,
-        args.events + warm as i64,
-    )
-    .await?;
+    let total = offer(&writers, args.rate, args.latency_seconds, args.events + warm as i64).await?;
     let offered_secs = t.elapsed().as_secs_f64();
     let end = current_lsn(sql).await?;
     wait_confirmed(sql, slot, end, worker, Duration::from_secs(120), t).await?;

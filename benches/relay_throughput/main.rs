@@ -23,6 +23,7 @@
 //! router as a further baseline, in each round and after the latency phase.
 #![forbid(unsafe_code)]
 
+mod contention;
 mod cpu;
 mod debezium;
 mod drain;
@@ -54,6 +55,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 const DB: &str = "bench";
 const LATENCY_TOPIC: &str = "bench.latency";
 const LATENCY_SLOT: &str = "bench_latency";
+const LATENCY_SLOT_HIGH: &str = "bench_latency_high";
 
 /// The outbox table the relay reads, as in the integration tests.
 use outbox_testbed::OUTBOX_DDL;
@@ -98,10 +100,17 @@ struct Args {
     with_debezium: bool,
     /// Debezium's poll.interval.ms; its own default (500) when not given.
     debezium_poll_ms: Option<u64>,
+    /// Quota and hog rounds, and small transactions under the quota (contention.rs).
+    contention: bool,
+    quota_millicores: u64,
+    hogs: Option<usize>,
+    small_events: i64,
+    high_rate: u64,
 }
 
 const USAGE: &str = "usage: relay_throughput [--events N] [--rate R] [--latency-seconds S] [--warmup-seconds W] \
-[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--with-debezium] [--debezium-poll-interval-ms MS] [--out FILE] [--dump-latencies CSV]";
+[--batch B] [--partitions P] [--polling-workers K] [--compression C] [--payload order|hex] [--rounds K] [--out FILE] [--dump-latencies CSV] \
+[--contention] [--quota-millicores M] [--hogs K] [--small-events N] [--high-rate R] [--with-debezium] [--debezium-poll-interval-ms MS]";
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self, String> {
@@ -120,6 +129,11 @@ impl Args {
             rounds: 3,
             with_debezium: false,
             debezium_poll_ms: None,
+            contention: false,
+            quota_millicores: 500,
+            hogs: None,
+            small_events: 50_000,
+            high_rate: 10_000,
         };
         let mut it = raw.iter();
         while let Some(arg) = it.next() {
@@ -156,6 +170,11 @@ impl Args {
                 "--payload" => a.payload = Payload::parse(&value()?)?,
                 "--rounds" => a.rounds = num(value()?)? as usize,
                 "--debezium-poll-interval-ms" => a.debezium_poll_ms = Some(num(value()?)?),
+                "--contention" => a.contention = true,
+                "--quota-millicores" => a.quota_millicores = num(value()?)?,
+                "--hogs" => a.hogs = Some(num(value()?)? as usize),
+                "--small-events" => a.small_events = num(value()?)? as i64,
+                "--high-rate" => a.high_rate = num(value()?)?,
                 _ => return Err(format!("unknown argument {arg}\n{USAGE}")),
             }
         }
@@ -292,6 +311,21 @@ async fn run(args: Args) -> Res<()> {
         false => None,
     };
     let mut dbz_results = debezium::DebeziumResults::default();
+    let bed = contention::Bed {
+        args: &args,
+        pg: &pg,
+        kafka: &kafka,
+        sql: &sql,
+        kafka_pid,
+        creds: &creds,
+        dir: dir.path(),
+    };
+    let mut contended = Vec::new();
+    for i in 0..if args.contention { args.rounds } else { 0 } {
+        let quota = contention::prepare(&bed, &format!("quota.{i}")).await?;
+        contended.push((quota, contention::prepare(&bed, &format!("hog.{i}")).await?));
+    }
+    let mut c = contention::ContentionResults::default();
     checkpoint(&sql).await?;
 
     log(format!("preloading {} outbox rows", args.events));
@@ -328,6 +362,7 @@ async fn run(args: Args) -> Res<()> {
             &out_file,
             args.events,
             kafka_pid,
+            None,
         )
         .await?;
         round.recv_file_bytes = std::fs::metadata(&out_file).map(|m| m.len()).unwrap_or(0);
@@ -385,6 +420,10 @@ async fn run(args: Args) -> Res<()> {
         }
         r.rounds.push(round);
     }
+    contention::rounds(&bed, &contended, (lsn0, lsn1), &mut c).await?;
+    if args.small_events > 0 {
+        contention::small_transactions(&bed, &mut c).await?;
+    }
 
     // Latency at a steady offered rate: a worker on a slot of its own, created
     // now, so it has no backlog to work through first.
@@ -401,6 +440,23 @@ async fn run(args: Args) -> Res<()> {
     worker.stop().await;
     if let Some(d) = &dbz {
         dbz_results.lat = d.latency(&args, &pg, &sql, kafka_pid).await?;
+    }
+    if args.high_rate > 0 {
+        let spec = relay_spec(&pg, &kafka, &args.compression, LATENCY_SLOT_HIGH, LATENCY_TOPIC)?;
+        let cfg = RelayConfig::from_spec("bench", "bench", &spec, &creds)?;
+        provision(&cfg, &spec, &pg).await?;
+        let mut worker = Worker::spawn(&spec, &creds, dir.path())?;
+        log(format!(
+            "offering {} events/s for {} s",
+            args.high_rate, args.latency_seconds
+        ));
+        let high = Args {
+            rate: args.high_rate,
+            dump_latencies: None,
+            ..args.clone()
+        };
+        c.high_rate = Some(latency(&high, &pg, &kafka.bootstrap(), &sql, &cfg.slot, &mut worker, kafka_pid).await?);
+        worker.stop().await;
     }
 
     // The tableless outbox last: it deletes the outbox rows it measures the delete of.
@@ -437,10 +493,11 @@ async fn run(args: Args) -> Res<()> {
     );
 
     let mut report = format!(
-        "{}\n{}\n{}",
+        "{}\n{}\n{}\n{}",
         report(&args, &r, &machine, started.elapsed()),
         messages::section(&m),
-        pm_section
+        pm_section,
+        contention::section(&c, &r.rounds, &r.lat),
     );
     if dbz.is_some() {
         report.push_str(&debezium::section(&args, &r, &dbz_results));

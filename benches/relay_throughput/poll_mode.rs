@@ -125,8 +125,9 @@ pub async fn poll_mode_phase(
             "(SELECT $1::int8 AS i) AS s",
         ))
         .await?;
+    let writers = [(writer, stmt)];
     let boundary = unix_micros();
-    r.offered = offer(&writer, &stmt, args.rate, args.latency_seconds, args.events).await?;
+    r.offered = offer(&writers, args.rate, args.latency_seconds, args.events).await?;
     let t = Instant::now();
     while rows(sql).await? > 0 {
         if t.elapsed() > Duration::from_secs(60) {

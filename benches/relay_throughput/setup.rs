@@ -43,6 +43,8 @@ pub async fn tune_postgres(pg: &Postgres) -> Res<()> {
         "max_wal_size = '16GB'",
         "checkpoint_timeout = '1h'",
         "autovacuum = off",
+        // A slot pair per round and scenario (contention.rs) on top of the rounds'.
+        "max_replication_slots = 64",
     ] {
         c.batch_execute(&format!("ALTER SYSTEM SET {setting}")).await?;
     }

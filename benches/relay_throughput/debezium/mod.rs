@@ -397,13 +397,14 @@ impl Debezium {
             "debezium: streaming {first_record:.1} s after its start; offering {} events/s for {} s",
             args.rate, args.latency_seconds
         ));
-        let warm = offer(&writer, &stmt, args.rate, args.warmup_seconds, seq).await?;
+        let writers = [(writer, stmt)];
+        let warm = offer(&writers, args.rate, args.warmup_seconds, seq).await?;
         seq += warm as i64;
         let boundary_us = unix_micros();
         let before = CpuSample::take(pg, kafka_pid)?;
         let cpu0 = connect.cpu_secs();
         let t = Instant::now();
-        let total = offer(&writer, &stmt, args.rate, args.latency_seconds, seq).await?;
+        let total = offer(&writers, args.rate, args.latency_seconds, seq).await?;
         let offered_secs = t.elapsed().as_secs_f64();
         // Every offered row on the topic, bounded like the relay's wait.
         let want = base + probes + warm as i64 + total as i64;
