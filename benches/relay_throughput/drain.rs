@@ -198,26 +198,35 @@ impl Worker {
 
     /// SIGTERM (the graceful stop a pod gets), SIGKILL if that takes too long.
     pub async fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        stop_gracefully(&mut self.child).await;
+    }
+}
+
+/// SIGTERM, then SIGKILL after 20 s: for the worker and for Kafka Connect alike.
+pub async fn stop_gracefully(child: &mut std::process::Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill_if_running(child);
+}
+
+/// SIGKILL, if it still runs: what a failed run's drop does, so no process is left
+/// streaming from a slot behind it.
+pub fn kill_if_running(child: &mut std::process::Child) {
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
 impl Drop for Worker {
-    // A failed run must not leave a worker streaming from a slot behind it.
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        kill_if_running(&mut self.child);
     }
 }
 

@@ -559,24 +559,12 @@ impl Connect {
 
     /// SIGTERM (Connect stops its task and commits offsets), SIGKILL after 20 s.
     async fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::drain::stop_gracefully(&mut self.child).await;
     }
 }
 
 impl Drop for Connect {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        crate::drain::kill_if_running(&mut self.child);
     }
 }
