@@ -407,3 +407,56 @@ async fn a_silent_poll_connection_is_found_and_replaced() {
     assert_eq!(worker.handle.state.phase(), Phase::Streaming);
     worker.shutdown().await;
 }
+
+/// Kafka away: a batch waits at most `poll_ack_timeout` with its transaction
+/// open, then rolls back (its rows stay, the status says why) and is polled
+/// again; once Kafka is back every event arrives and every row leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_outage_rolls_batches_back_and_loses_nothing() {
+    let bed = outbox_testbed::shared().await;
+    let kafka = Kafka::start(&Components::locate().expect("components"))
+        .await
+        .expect("private kafka");
+    let fx = polling_fixture(&bed.pg, &kafka, "poll-outage", 2).await;
+    let mut cfg = fx.config();
+    cfg.tuning.poll_ack_timeout = Duration::from_secs(3);
+    let worker = fx.start_worker_with(cfg);
+    let client = bed.pg.client(&fx.db).await.expect("connect");
+    let mut ids = fx.insert_events(&client, 5, 4, 5).await;
+    let first: HashSet<String> = ids.iter().cloned().collect();
+    consume_async(&fx.bootstrap, &fx.topic, &first, WAIT, Duration::ZERO).await;
+    eventually(Duration::from_secs(30), "the first rows deleted", || async {
+        (rows_left(&client).await == 0).then_some(())
+    })
+    .await;
+
+    kafka.stop().await.expect("stop kafka");
+    ids.extend(fx.insert_events_from(&client, 5, 4, 5, 5).await);
+    let (category, message) = eventually(Duration::from_secs(60), "a rolled-back batch reported", || async {
+        worker
+            .handle
+            .state
+            .last_error()
+            .filter(|(_, m)| m.contains("rolled back"))
+    })
+    .await;
+    assert_eq!(category, "KafkaError", "{message}");
+    assert_eq!(
+        rows_left(&client).await,
+        20,
+        "no row leaves the table while Kafka is away"
+    );
+
+    kafka.start_again().await.expect("start kafka");
+    let expect: HashSet<String> = ids.into_iter().collect();
+    let records = consume_async(&fx.bootstrap, &fx.topic, &expect, WAIT, Duration::from_secs(1)).await;
+    assert_all_delivered(&records, &expect);
+    check_per_key_order(&records).expect("order across the outage");
+    eventually(
+        Duration::from_secs(30),
+        "every row deleted after the outage",
+        || async { (rows_left(&client).await == 0).then_some(()) },
+    )
+    .await;
+    worker.shutdown().await;
+}

@@ -197,6 +197,10 @@ pub struct Tuning {
     /// goes silent ends the session past it; the next one ends the silent backend,
     /// which still holds the poller's lock and the batch's row locks.
     pub poll_statement_timeout: Duration,
+    /// `mode: Polling`: how long a batch waits for Kafka's answers with its
+    /// transaction (and row locks) open; past it the batch is rolled back, so an
+    /// outage does not hold back vacuum on the whole database, and polled again.
+    pub poll_ack_timeout: Duration,
     /// `/healthz` fails once a streaming session heard nothing from the server for
     /// this long (the kubelet then restarts the worker). Above
     /// `status_interval + reply_timeout`, so the session's own timeout acts first.
@@ -217,6 +221,7 @@ impl Default for Tuning {
             drain_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(10),
             poll_statement_timeout: Duration::from_secs(30),
+            poll_ack_timeout: Duration::from_secs(60),
             liveness_bound: Duration::from_secs(60),
         }
     }

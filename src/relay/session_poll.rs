@@ -22,11 +22,6 @@ use crate::kafka::BrokerHealth;
 use crate::metrics::RelayMetrics;
 use crate::postgres::{self, PgError};
 
-/// Bound on Kafka acknowledging one batch. The batch's transaction (and its row
-/// locks) stays open meanwhile; past this it is rolled back so a Kafka outage
-/// does not hold back vacuum on the whole database, and the rows are polled again.
-const BATCH_ACK_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Runs one poll session until shutdown (`Ok`) or an error.
 pub async fn run(
     cfg: &RelayConfig,
@@ -307,11 +302,12 @@ impl Session<'_> {
                 Err(_) => {
                     self.check_stall();
                     self.state.heard(Instant::now());
-                    if started.elapsed() > BATCH_ACK_TIMEOUT {
+                    let bound = self.cfg.tuning.poll_ack_timeout;
+                    if started.elapsed() > bound {
                         let waiting = self.core.in_flight();
                         let detail = self.health.last_error().unwrap_or_else(|| "no acknowledgement".into());
                         return Err(RelayError::Delivery(format!(
-                            "Kafka acknowledged none of the last {waiting} records of a batch within {BATCH_ACK_TIMEOUT:?} ({detail}); the batch is rolled back and its rows are polled again"
+                            "Kafka did not acknowledge {waiting} records of a batch within {bound:?} ({detail}); the batch is rolled back and its rows are polled again"
                         )));
                     }
                 }
