@@ -90,6 +90,37 @@ async fn sessions_opened(pg: &tokio_postgres::Client, run: &str) -> i64 {
     .get(0)
 }
 
+/// Transactions (each of the operator's statements is one) in the relays'
+/// databases, committed or not.
+async fn transactions(pg: &tokio_postgres::Client, run: &str) -> i64 {
+    pg.query_one(
+        "SELECT coalesce(sum(xact_commit + xact_rollback), 0)::int8 FROM pg_stat_database
+         WHERE datname LIKE $1 || '\\_team\\_%'",
+        &[&run],
+    )
+    .await
+    .expect("pg_stat_database")
+    .get(0)
+}
+
+/// A counter from the operator's `/metrics` (summed over its labels when `labels`
+/// is empty); `None` when the build does not export it (an older baseline).
+async fn counter(addr: &str, name: &str, labels: &str) -> Option<f64> {
+    let (_, text) = http_get(addr, "/metrics").await?;
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let matches =
+            series == format!("{name}{labels}") || (labels.is_empty() && series.starts_with(&format!("{name}{{")));
+        if matches {
+            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    found
+}
+
 fn spec(pg: &Postgres, db: &str, table: &str) -> OutboxRelaySpec {
     serde_json::from_value(json!({
         "database": {
@@ -135,6 +166,12 @@ struct Figures {
     held_max: usize,
     opened: i64,
     reconciles: f64,
+    /// Transactions in the relays' databases during the steady window.
+    statements: i64,
+    /// Shared snapshots read during the window (builds that take them).
+    snapshots: Option<f64>,
+    /// Database passes confirmed from a snapshot, and all database passes.
+    confirmed: Option<(f64, f64)>,
 }
 
 struct Setup {
@@ -209,13 +246,36 @@ async fn main() {
         );
         eprintln!("{name}: {total} relays created in {:.1} s", f.created.as_secs_f64());
     }
+    println!(
+        "\n| operator | SQL statements per reconcile | shared snapshots per database and interval | database passes confirmed from a snapshot |"
+    );
+    println!("|---|---:|---:|---:|");
+    let intervals = |f: &Figures| f.window / setup.requeue as f64;
+    for (name, f) in &results {
+        println!(
+            "| {name} | {:.2} ({} in {:.0} s) | {} | {} |",
+            f.statements as f64 / f.reconciles.max(1.0),
+            f.statements,
+            f.window,
+            f.snapshots.map_or("—".into(), |n| format!(
+                "{:.2} ({n:.0} for {} databases)",
+                n / (setup.namespaces as f64 * intervals(f)).max(1e-9),
+                setup.namespaces
+            )),
+            f.confirmed.map_or("—".into(), |(c, all)| format!(
+                "{:.0} % ({c:.0} of {all:.0})",
+                100.0 * c / all.max(1.0)
+            )),
+        );
+    }
     if let [(_, this), (_, base)] = &results[..] {
         println!(
-            "\nthis build / baseline: time to all Ready {:.2}x, CPU until Ready {:.2}x, steady CPU {:.2}x, sessions opened {:.2}x",
+            "\nthis build / baseline: time to all Ready {:.2}x, CPU until Ready {:.2}x, steady CPU {:.2}x, sessions opened {:.2}x, SQL statements {:.2}x",
             this.all_ready.as_secs_f64() / base.all_ready.as_secs_f64().max(1e-9),
             this.cpu_to_ready / base.cpu_to_ready.max(1e-9),
             (this.steady_cpu / this.window) / (base.steady_cpu / base.window).max(1e-9),
             this.opened as f64 / (base.opened as f64).max(1.0),
+            (this.statements as f64 / this.window) / (base.statements as f64 / base.window).max(1e-9),
         );
     }
 }
@@ -333,6 +393,11 @@ async fn scenario(binary: &std::path::Path, run: &str, setup: &Setup, kube: &Kub
     let (cpu0, _, _) = usage(child.id());
     let start = Instant::now();
     let opened0 = sessions_opened(&sql, run).await;
+    let statements0 = transactions(&sql, run).await;
+    let addr = format!("127.0.0.1:{port}");
+    let snapshots0 = counter(&addr, "outbox_operator_database_snapshots_total", "").await;
+    let confirmed0 = counter(&addr, "outbox_operator_database_passes_total", "{pass=\"confirmed\"}").await;
+    let passes0 = counter(&addr, "outbox_operator_database_passes_total", "").await;
     let (mut samples, mut held_sum, mut held_max) = (0u64, 0usize, 0usize);
     while start.elapsed() < setup.steady {
         let pids = operator_sessions(&sql, run).await;
@@ -343,6 +408,20 @@ async fn scenario(binary: &std::path::Path, run: &str, setup: &Setup, kube: &Kub
     }
     let window = start.elapsed().as_secs_f64();
     let opened = sessions_opened(&sql, run).await - opened0;
+    let statements = transactions(&sql, run).await - statements0;
+    let snapshots = counter(&addr, "outbox_operator_database_snapshots_total", "")
+        .await
+        .zip(snapshots0)
+        .map(|(b, a)| b - a);
+    let confirmed = counter(&addr, "outbox_operator_database_passes_total", "{pass=\"confirmed\"}")
+        .await
+        .map(|b| b - confirmed0.unwrap_or(0.0))
+        .zip(
+            counter(&addr, "outbox_operator_database_passes_total", "")
+                .await
+                .zip(passes0)
+                .map(|(b, a)| b - a),
+        );
     let (cpu1, rss, peak) = usage(child.id());
     let _ = child.kill();
     let _ = child.wait();
@@ -359,5 +438,8 @@ async fn scenario(binary: &std::path::Path, run: &str, setup: &Setup, kube: &Kub
         held_max,
         opened,
         reconciles: total as f64 * window / requeue as f64,
+        statements,
+        snapshots,
+        confirmed,
     }
 }

@@ -190,12 +190,21 @@ pub struct StatusUpdateLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatabasePassLabels {
+    /// `confirmed` from the database's shared snapshot, or `full` (this relay's
+    /// own statements).
+    pub pass: &'static str,
+}
+
 /// All operator metrics (prefix `outbox_operator`); cheap to clone.
 #[derive(Clone)]
 pub struct OperatorMetrics {
     pub reconcile_duration_seconds: Histogram,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub status_updates: Family<StatusUpdateLabels, Counter>,
+    pub database_passes: Family<DatabasePassLabels, Counter>,
+    pub database_snapshots: Counter,
     pub slot_lag_bytes: Family<RelayLabels, Gauge>,
     pub slot_retained_bytes: Family<RelayLabels, Gauge>,
     pub slot_active: Family<RelayLabels, Gauge>,
@@ -257,6 +266,8 @@ impl OperatorMetrics {
         let reconcile_duration_seconds = Histogram::new(exponential_buckets(0.005, 2.0, 15));
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let status_updates = Family::<StatusUpdateLabels, Counter>::default();
+        let database_passes = Family::<DatabasePassLabels, Counter>::default();
+        let database_snapshots = Counter::default();
         let slot_lag_bytes = Family::<RelayLabels, Gauge>::default();
         let slot_retained_bytes = Family::<RelayLabels, Gauge>::default();
         let slot_active = Family::<RelayLabels, Gauge>::default();
@@ -289,6 +300,17 @@ impl OperatorMetrics {
             "status_updates",
             "Status writes, and reconciles that skipped the write because nothing changed",
             status_updates.clone(),
+        );
+        r.register(
+            "database_passes",
+            "Reconciles' database passes: confirmed from the database's shared snapshot, or full",
+            database_passes.clone(),
+        );
+        r.register(
+            "database_snapshots",
+            "Shared reads of a database's replication slots and publications (one per database, role \
+             and requeue interval at most)",
+            database_snapshots.clone(),
         );
         r.register(
             "slot_lag_bytes",
@@ -374,6 +396,8 @@ impl OperatorMetrics {
             reconcile_duration_seconds,
             reconcile_errors,
             status_updates,
+            database_passes,
+            database_snapshots,
             slot_lag_bytes,
             slot_retained_bytes,
             slot_active,
@@ -405,6 +429,14 @@ impl OperatorMetrics {
 
     pub fn reconcile_error(&self, kind: &'static str) {
         self.reconcile_errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+
+    pub fn database_pass(&self, pass: &'static str) {
+        self.database_passes.get_or_create(&DatabasePassLabels { pass }).inc();
+    }
+
+    pub fn database_snapshot(&self) {
+        self.database_snapshots.inc();
     }
 
     pub fn status_update(&self, written: bool) {

@@ -112,7 +112,11 @@ async fn relay_is_provisioned_reported_and_suspended() {
     // Let the reconcile triggered by the last write run out.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let deployment_before = h.deployments().get("orders-relay").await.expect("get");
-    let (w0, s0) = (written(&h), skipped(&h));
+    let confirmed = |h: &Harness| {
+        h.metric("outbox_operator_database_passes_total{pass=\"confirmed\"}")
+            .unwrap_or(0.0)
+    };
+    let (w0, s0, c0) = (written(&h), skipped(&h), confirmed(&h));
     let mut seen: Vec<OutboxRelay> = vec![h.relays().get("orders").await.expect("get")];
     let window = Instant::now() + Duration::from_secs(9);
     while Instant::now() < window {
@@ -126,6 +130,13 @@ async fn relay_is_provisioned_reported_and_suspended() {
     assert!(
         skipped(&h) >= s0 + 2.0,
         "reconciles kept running without writing\n{}",
+        h.dump("orders").await
+    );
+    // A steady relay's database side is confirmed from the database's shared
+    // snapshot, not from statements of its own every pass.
+    assert!(
+        confirmed(&h) >= c0 + 2.0,
+        "steady passes were not confirmed from the shared snapshot\n{}",
         h.dump("orders").await
     );
     let writes = written(&h) - w0;

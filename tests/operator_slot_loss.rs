@@ -6,7 +6,7 @@
 
 mod operator_support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use operator_support::{Harness, Options, condition};
 use outbox_testbed::{Postgres, shared};
@@ -46,6 +46,19 @@ async fn a_slot_dropped_behind_the_operators_back_is_reported_not_recreated() {
         .and_then(|s| s.slot)
         .and_then(|s| s.confirmed_flush_lsn)
         .expect("confirmed position");
+    // The relay is in its steady state: its passes are confirmed from the shared
+    // snapshot of the database, which may be a requeue interval old when the slot
+    // goes. The loss must still be found and reported.
+    let confirmed_passes = "outbox_operator_database_passes_total{pass=\"confirmed\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.metric(confirmed_passes).unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no steady pass confirmed from a snapshot\n{}",
+            h.dump("orders").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     h.drop_slot_behind_the_operators_back(&slot).await;
 
     let r = h.await_condition("orders", "Ready", "False", Some("SlotLost")).await;

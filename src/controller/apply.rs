@@ -277,6 +277,16 @@ pub enum Provision {
 /// relay may do with its publication and slot.
 pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Result<Provision, Error> {
     let target = &v.database;
+    let uid = relay.uid().unwrap_or_default();
+    // A healthy relay is confirmed from its database's shared snapshot when it
+    // can be; the full pass below is the only one that acts.
+    if let Some(bound) = super::steady::confirm(relay, ctx, v, &remembered(relay, &target.slot)).await {
+        ctx.metrics.database_pass("confirmed");
+        return Ok(Provision::Bound(bound, None));
+    }
+    ctx.metrics.database_pass("full");
+    // Until this pass binds, the next one is a full pass too.
+    ctx.full_passes.forget(&uid);
     // A connection kept from an earlier reconcile when there is one (see
     // `postgres::pool`). Every early return below drops it, which closes it: only a
     // pass that finished all its statements hands it back.
@@ -354,6 +364,10 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
                 binding::bind(&client, &t, &obs, steps, &super::status::now()),
             )
             .await?;
+            ctx.full_passes.bound(&uid);
+            if bound.changed {
+                ctx.pg_snapshots.invalidate(&target.connect);
+            }
             let (partitions, clean) = manage_partitions(relay, ctx, &client, v, &bound).await;
             if !clean {
                 // A failed or abandoned pass may have left a statement running or a
@@ -436,6 +450,24 @@ pub fn owner_of(relay: &OutboxRelay) -> Owner {
 /// What the relay remembers (status) and asks for (annotations), and which owners
 /// named in records no longer exist.
 pub async fn intent(relay: &OutboxRelay, ctx: &Context, slot: &str, obs: &Observation) -> Intent {
+    let mut intent = remembered(relay, slot);
+    let my_uid = relay.uid().unwrap_or_default();
+    let named = obs
+        .publication
+        .iter()
+        .filter_map(|o| o.marker())
+        .chain(obs.slot_claims.iter());
+    for m in named.filter(|m| m.uid != my_uid) {
+        if !owner_exists(ctx, &m.namespace, &m.name, &m.uid).await {
+            intent.gone_owners.insert(m.uid.clone());
+        }
+    }
+    intent
+}
+
+/// What the relay remembers and asks for, without asking the API server about
+/// anyone: no owner counts as gone.
+pub fn remembered(relay: &OutboxRelay, slot: &str) -> Intent {
     let status = relay.status.as_ref();
     let recorded = status.and_then(|s| s.binding.clone());
     // An operator version without ownership records left only `status.slot`.
@@ -446,24 +478,12 @@ pub async fn intent(relay: &OutboxRelay, ctx: &Context, slot: &str, obs: &Observ
         .filter(|v| recorded.as_ref().and_then(|r| r.recreated_for.as_deref()) != Some(*v))
         .map(String::from);
     let adopt = annotations::is_true(&relay.metadata, annotations::ADOPT);
-    let my_uid = relay.uid().unwrap_or_default();
-    let mut gone_owners = BTreeSet::new();
-    let named = obs
-        .publication
-        .iter()
-        .filter_map(|o| o.marker())
-        .chain(obs.slot_claims.iter());
-    for m in named.filter(|m| m.uid != my_uid) {
-        if !owner_exists(ctx, &m.namespace, &m.name, &m.uid).await {
-            gone_owners.insert(m.uid.clone());
-        }
-    }
     Intent {
         recorded,
         legacy,
         recreate,
         adopt,
-        gone_owners,
+        gone_owners: BTreeSet::new(),
     }
 }
 

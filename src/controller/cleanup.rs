@@ -334,6 +334,8 @@ async fn delete(relay: &OutboxRelay, ctx: &Context, namespace: &str) -> Result<P
                     binding::release(&client, &t, &intent),
                 )
                 .await?;
+                // The other relays of this database should see the objects gone now.
+                ctx.pg_snapshots.invalidate(&target.connect);
                 report(ctx, relay, &target, &drain, finish, held.as_ref(), &released).await;
                 return Ok(Progress::Done);
             }

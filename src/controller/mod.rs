@@ -35,6 +35,7 @@ pub mod scope;
 pub use scope::WatchScope;
 pub mod secrets;
 pub mod status;
+mod steady;
 mod triggers;
 pub mod validate;
 pub mod worker_rbac;
@@ -149,6 +150,10 @@ pub struct Context {
     pub relays: Store<OutboxRelay>,
     /// SQL connections kept between reconciles.
     pub pg_pool: crate::postgres::pool::Pool,
+    /// Shared reads of each database's slots and publications (`steady`).
+    pub pg_snapshots: crate::postgres::snapshot::Snapshots,
+    /// When each relay last had a full database pass (`steady`).
+    full_passes: steady::FullPasses,
     /// Consecutive failed reconciles per relay, for the backoff.
     failures: Mutex<HashMap<ObjectRef<OutboxRelay>, u32>>,
 }
@@ -163,6 +168,8 @@ impl Context {
             recorder,
             relays,
             pg_pool: Default::default(),
+            pg_snapshots: Default::default(),
+            full_passes: Default::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -342,6 +349,7 @@ async fn delete(api: &Api<OutboxRelay>, obj: &OutboxRelay, ctx: &Context) -> Res
     match cleanup::run(obj, ctx).await? {
         cleanup::Progress::Wait(after) => Ok(Action::requeue(after)),
         cleanup::Progress::Done => {
+            ctx.full_passes.forget(&obj.uid().unwrap_or_default());
             // Remove exactly our entry, and only if it is still where we saw it.
             let path = format!("/metadata/finalizers/{index}");
             let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([

@@ -18,6 +18,7 @@ pub mod polling;
 pub mod pool;
 pub mod provision;
 pub mod slot;
+pub mod snapshot;
 pub mod tls;
 
 pub use connect::{CONNECT_TIMEOUT, PgConnectConfig, connect};

@@ -70,12 +70,7 @@ pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTa
     }
 
     let mut changed = false;
-    let only_our_table = publication.tables.len() == 1
-        && publication.tables[0].0 == table.schema
-        && publication.tables[0].1 == table.name
-        && !publication.filtered
-        && publication.schemas == 0;
-    if !only_our_table {
+    if !publication.lists_only(table) {
         let sql = format!("ALTER PUBLICATION {} SET TABLE {table}", quote_ident(name));
         client
             .batch_execute(&sql)
@@ -83,12 +78,7 @@ pub async fn ensure_publication(client: &Client, name: &str, table: &QualifiedTa
             .map_err(|e| publication_ddl_error("set the publication's table", table, e))?;
         changed = true;
     }
-    let options_ok = publication.insert
-        && !publication.update
-        && !publication.delete
-        && !publication.truncate
-        && publication.via_root;
-    if !options_ok {
+    if !publication.options_ok() {
         let sql = format!(
             "ALTER PUBLICATION {} SET (publish = 'insert', publish_via_partition_root = true)",
             quote_ident(name)
@@ -136,6 +126,27 @@ pub(super) struct PublicationState {
     pub(super) filtered: bool,
     /// Schemas published with `TABLES IN SCHEMA` (PostgreSQL 15+).
     pub(super) schemas: i64,
+}
+
+impl PublicationState {
+    /// Lists `table` and nothing else, whole (no row filter or column list).
+    pub(super) fn lists_only(&self, table: &QualifiedTable) -> bool {
+        self.tables.len() == 1
+            && self.tables[0].0 == table.schema
+            && self.tables[0].1 == table.name
+            && !self.filtered
+            && self.schemas == 0
+    }
+
+    /// Inserts only, rows of partitions under the root's name.
+    pub(super) fn options_ok(&self) -> bool {
+        self.insert && !self.update && !self.delete && !self.truncate && self.via_root
+    }
+
+    /// What [`ensure_publication`] leaves: nothing for it to repair.
+    pub(super) fn is_exactly(&self, table: &QualifiedTable) -> bool {
+        !self.all_tables && self.lists_only(table) && self.options_ok()
+    }
 }
 
 pub(super) async fn read_publication(client: &Client, name: &str) -> Result<Option<PublicationState>, PgError> {

@@ -68,7 +68,7 @@ impl Pool {
 
     /// The key a connection is kept under: everything that decides where and as
     /// whom it connects, and the operator's application name.
-    fn key(cfg: &PgConnectConfig) -> PgConnectConfig {
+    pub(crate) fn key(cfg: &PgConnectConfig) -> PgConnectConfig {
         let mut key = cfg.clone();
         key.application_name = APPLICATION_NAME.to_owned();
         key

@@ -11,6 +11,7 @@
 //! calls [`release`]; the deletion drain asks [`pending::pending_events`] what would
 //! be dropped unrelayed.
 
+mod confirm;
 mod decide;
 pub mod marker;
 pub mod pending;
@@ -18,6 +19,7 @@ pub mod pending;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio_postgres::Client;
 
+pub use confirm::confirm;
 pub use decide::{Holder, Intent, Loss, Object, Observation, Owner, Refusal, SlotStep, Steps, Take, decide};
 use marker::{Marker, Ownership};
 
@@ -87,6 +89,9 @@ pub struct Bound {
     /// The slot as the server reports it now.
     pub slot: Option<SlotInfo>,
     pub take: Option<Take>,
+    /// The pass created or changed something (the slot, the publication, the
+    /// record): what other relays' snapshots of this database say is out of date.
+    pub changed: bool,
 }
 
 /// Carries out [`Steps`]: publication first (created, or repaired when ours), then
@@ -99,20 +104,12 @@ pub async fn bind(
     steps: Steps,
     now: &Time,
 ) -> Result<Bound, PgError> {
-    if t.tableless {
-        super::messages::ensure_publication(client, t.publication).await?;
+    let publication = if t.tableless {
+        super::messages::ensure_publication(client, t.publication).await?
     } else {
-        objects::ensure_publication(client, t.publication, t.table).await?;
-    }
-    let mut marker = Marker {
-        uid: t.owner.uid.clone(),
-        namespace: t.owner.namespace.clone(),
-        name: t.owner.name.clone(),
-        slot: t.slot.to_string(),
-        system_identifier: obs.system_identifier.clone(),
-        slot_created_lsn: None,
-        slot_created_at: None,
+        objects::ensure_publication(client, t.publication, t.table).await?
     };
+    let mut changed = publication.changed();
     // A slot kept as it was is the one `inspect` just read; only a new one is read again.
     let created = matches!(steps.slot, SlotStep::Create { .. });
     let mut identity = match steps.slot {
@@ -128,7 +125,7 @@ pub async fn bind(
             identity
         }
         SlotStep::Create { drop_first } => {
-            write_marker(client, t.publication, &marker).await?;
+            write_marker(client, t.publication, &marker_for(t, &obs.system_identifier, None)).await?;
             if drop_first {
                 objects::drop_slot(client, t.slot).await?;
             }
@@ -144,14 +141,14 @@ pub async fn bind(
             }
         }
     };
-    marker.slot_created_lsn = Some(identity.slot_created_lsn.clone());
-    marker.slot_created_at = identity.slot_created_at.as_ref().map(|t| t.0.to_string());
+    let marker = marker_for(t, &obs.system_identifier, Some(&identity));
     let current = match &obs.publication {
         Some(Ownership::Marked(m)) => Some(m),
         _ => None,
     };
     if current != Some(&marker) {
         write_marker(client, t.publication, &marker).await?;
+        changed = true;
     }
     identity.recreated_for = steps.echo_recreate.or(identity.recreated_for);
     let slot = if created {
@@ -163,7 +160,24 @@ pub async fn bind(
         identity,
         slot,
         take: steps.take,
+        changed: changed || created,
     })
+}
+
+/// The ownership record of `t`'s publication; `identity` is the slot's once it
+/// exists (the record is written before the slot is created, without it).
+pub(super) fn marker_for(t: &Target<'_>, system_identifier: &str, identity: Option<&BindingStatus>) -> Marker {
+    Marker {
+        uid: t.owner.uid.clone(),
+        namespace: t.owner.namespace.clone(),
+        name: t.owner.name.clone(),
+        slot: t.slot.to_string(),
+        system_identifier: system_identifier.to_string(),
+        slot_created_lsn: identity.map(|i| i.slot_created_lsn.clone()),
+        slot_created_at: identity
+            .and_then(|i| i.slot_created_at.as_ref())
+            .map(|t| t.0.to_string()),
+    }
 }
 
 async fn write_marker(client: &Client, publication: &str, m: &Marker) -> Result<(), PgError> {
