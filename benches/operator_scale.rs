@@ -12,7 +12,11 @@
 //! - the PostgreSQL connections the operator holds (sampled) and the sessions it
 //!   opened during that window (`pg_stat_database.sessions` of the relays'
 //!   databases), against the number of relays and requeues, so the cost per
-//!   reconcile is visible.
+//!   reconcile is visible;
+//! - the SQL statements the operator ran per reconcile in that window (transactions
+//!   in the relays' databases, `pg_stat_database`), the shared snapshots it read
+//!   per database and interval, and the share of database passes a snapshot
+//!   confirmed (from its `/metrics`; absent for builds that take no snapshots).
 //!
 //! With `OUTBOX_BENCH_BASELINE_OPERATOR=PATH` (a build of an earlier commit) it
 //! runs the same scenario with that binary in the same run, on namespaces and
