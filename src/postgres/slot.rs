@@ -55,39 +55,44 @@ impl SlotInfo {
 
 const ACTION: &str = "read the replication slot's status";
 
+/// Every slot with its lag, plus (last two columns) whether it is logical and
+/// temporary. pg_current_wal_lsn() fails on a standby; the lag is then unknown
+/// rather than an error, so a status update still shows what the slot row says.
+/// Shared with `snapshot`, which reads every slot at once.
+pub(super) const SLOTS_SQL: &str = "WITH cur AS (
+        SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END AS lsn
+     )
+     SELECT s.slot_name::text, s.plugin::text, s.database::text, s.active, s.active_pid,
+            s.restart_lsn::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size,
+            pg_wal_lsn_diff(cur.lsn, s.confirmed_flush_lsn)::int8,
+            pg_wal_lsn_diff(cur.lsn, s.restart_lsn)::int8,
+            s.slot_type = 'logical', s.temporary
+     FROM pg_replication_slots s, cur";
+
+/// A row of [`SLOTS_SQL`]; `action` names the read in errors.
+pub(super) fn slot_info(r: &tokio_postgres::Row, action: &'static str) -> Result<SlotInfo, PgError> {
+    Ok(SlotInfo {
+        name: col(r, 0, action)?,
+        plugin: col(r, 1, action)?,
+        database: col(r, 2, action)?,
+        active: col(r, 3, action)?,
+        active_pid: col(r, 4, action)?,
+        restart_lsn: col(r, 5, action)?,
+        confirmed_flush_lsn: col(r, 6, action)?,
+        wal_status: col(r, 7, action)?,
+        safe_wal_size: col(r, 8, action)?,
+        lag_bytes: col(r, 9, action)?,
+        retained_bytes: col(r, 10, action)?,
+    })
+}
+
 /// Reads the slot; `None` when it does not exist.
 pub async fn slot_status(client: &Client, name: &str) -> Result<Option<SlotInfo>, PgError> {
-    // pg_current_wal_lsn() fails on a standby; the lag is then unknown rather than an error,
-    // so a status update still shows what the slot row says.
     let row = client
-        .query_opt(
-            "WITH cur AS (
-                SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END AS lsn
-             )
-             SELECT s.slot_name::text, s.plugin::text, s.database::text, s.active, s.active_pid,
-                    s.restart_lsn::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size,
-                    pg_wal_lsn_diff(cur.lsn, s.confirmed_flush_lsn)::int8,
-                    pg_wal_lsn_diff(cur.lsn, s.restart_lsn)::int8
-             FROM pg_replication_slots s, cur
-             WHERE s.slot_name = $1",
-            &[&name],
-        )
+        .query_opt(&format!("{SLOTS_SQL} WHERE s.slot_name = $1"), &[&name])
         .await
         .map_err(|e| query_error(ACTION, e))?;
-    let Some(r) = row else { return Ok(None) };
-    Ok(Some(SlotInfo {
-        name: col(&r, 0, ACTION)?,
-        plugin: col(&r, 1, ACTION)?,
-        database: col(&r, 2, ACTION)?,
-        active: col(&r, 3, ACTION)?,
-        active_pid: col(&r, 4, ACTION)?,
-        restart_lsn: col(&r, 5, ACTION)?,
-        confirmed_flush_lsn: col(&r, 6, ACTION)?,
-        wal_status: col(&r, 7, ACTION)?,
-        safe_wal_size: col(&r, 8, ACTION)?,
-        lag_bytes: col(&r, 9, ACTION)?,
-        retained_bytes: col(&r, 10, ACTION)?,
-    }))
+    row.map(|r| slot_info(&r, ACTION)).transpose()
 }
 
 /// How far behind a slot is, worst last (so levels compare with `<`/`max`).

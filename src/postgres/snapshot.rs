@@ -23,6 +23,7 @@ use super::binding::{Observation, Target};
 use super::error::{col, query_error};
 use super::objects::PublicationState;
 use super::pool::Pool;
+use super::slot::{SLOTS_SQL, slot_info};
 use super::{OUTPUT_PLUGIN, PgConnectConfig, PgError, SlotInfo};
 
 /// A slot as the snapshot saw it: what `slot_status` reads, and what `verify_slot`
@@ -141,38 +142,12 @@ pub async fn take(client: &Client) -> Result<Snapshot, PgError> {
         publications: Vec::new(),
     };
 
-    // The lag is measured against the position read here, not the one above: the
-    // same instant as the slot rows, as `slot_status` does it.
-    let slots = client
-        .query(
-            "WITH cur AS (
-                SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn() END AS lsn
-             )
-             SELECT s.slot_name::text, s.plugin::text, s.database::text, s.active, s.active_pid,
-                    s.restart_lsn::text, s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size,
-                    pg_wal_lsn_diff(cur.lsn, s.confirmed_flush_lsn)::int8,
-                    pg_wal_lsn_diff(cur.lsn, s.restart_lsn)::int8,
-                    s.slot_type = 'logical', s.temporary
-             FROM pg_replication_slots s, cur",
-            &[],
-        )
-        .await
-        .map_err(|e| query_error(ACTION, e))?;
+    // The lag is measured against the position read with the slot rows, as
+    // `slot_status` does it.
+    let slots = client.query(SLOTS_SQL, &[]).await.map_err(|e| query_error(ACTION, e))?;
     for r in &slots {
         snapshot.slots.push(SlotRow {
-            info: SlotInfo {
-                name: col(r, 0, ACTION)?,
-                plugin: col(r, 1, ACTION)?,
-                database: col(r, 2, ACTION)?,
-                active: col(r, 3, ACTION)?,
-                active_pid: col(r, 4, ACTION)?,
-                restart_lsn: col(r, 5, ACTION)?,
-                confirmed_flush_lsn: col(r, 6, ACTION)?,
-                wal_status: col(r, 7, ACTION)?,
-                safe_wal_size: col(r, 8, ACTION)?,
-                lag_bytes: col(r, 9, ACTION)?,
-                retained_bytes: col(r, 10, ACTION)?,
-            },
+            info: slot_info(r, ACTION)?,
             logical: col(r, 11, ACTION)?,
             temporary: col(r, 12, ACTION)?,
         });
