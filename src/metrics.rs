@@ -13,6 +13,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// Upper bounds (seconds) of the commit→ack histogram's buckets. Dense between
+/// 1 ms and 100 ms, where delivery SLOs and alerts usually sit (a doubling
+/// series jumps from 16 to 32 ms, so a 20 ms objective could not be read off
+/// it), then coarse up to a minute for a stalled broker.
+pub const COMMIT_TO_ACK_BUCKETS: [f64; 24] = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+    1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `relayed`, `dead_lettered` (the copy on the dead-letter topic) or `parked` (in the park table).
@@ -55,8 +64,7 @@ impl RelayMetrics {
         let bytes = Counter::default();
         // 1 … 32768 events per transaction.
         let transaction_events = Histogram::new(exponential_buckets(1.0, 2.0, 16));
-        // 1 ms … ~33 s.
-        let commit_to_ack_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let commit_to_ack_seconds = Histogram::new(COMMIT_TO_ACK_BUCKETS.iter().copied());
         let confirmed_lsn = Gauge::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let envelope_fallbacks = Family::<ErrorLabels, Counter>::default();
@@ -569,6 +577,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("outbox_relay_commit_to_ack_seconds_bucket"), "{text}");
+        // 4 ms lands in the 5 ms bucket and in every one above it, not below.
+        assert!(
+            text.contains("outbox_relay_commit_to_ack_seconds_bucket{le=\"0.003\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_commit_to_ack_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_commit_to_ack_seconds_bucket{le=\"0.02\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("outbox_relay_confirmed_lsn"), "{text}");
     }
 

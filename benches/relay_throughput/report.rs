@@ -232,7 +232,7 @@ pub fn report(args: &Args, r: &Results, m: &Machine, total: Duration) -> String 
     );
     let _ = writeln!(
         o,
-        "| Commit→ack p50 / p99, worker histogram (interpolated in 2× buckets) | {} / {} | | |",
+        "| Commit→ack p50 / p99, worker histogram (interpolated in its buckets) | {} / {} | | |",
         ms(l.hist_p50_ms),
         ms(l.hist_p99_ms)
     );
