@@ -223,7 +223,14 @@ pub struct Snapshots {
     cells: Arc<Mutex<HashMap<PgConnectConfig, (Cell, Instant)>>>,
 }
 
-type Cell = Arc<tokio::sync::Mutex<Option<Arc<Snapshot>>>>;
+type Cell = Arc<tokio::sync::Mutex<Held>>;
+
+/// What a key's cell holds: the last snapshot, and when the last read failed.
+#[derive(Default)]
+struct Held {
+    snapshot: Option<Arc<Snapshot>>,
+    failed_at: Option<Instant>,
+}
 
 /// A key nobody asked for this long is forgotten: a relay deleted, or credentials
 /// rotated (the old ones are a key of their own).
@@ -255,10 +262,20 @@ impl Snapshots {
     ) -> Result<(Arc<Snapshot>, bool), PgError> {
         let cell = self.cell(cfg);
         let mut held = cell.lock().await;
-        if let Some(s) = held.as_ref()
+        if let Some(s) = held.snapshot.as_ref()
             && s.taken.elapsed() < max_age
         {
             return Ok((s.clone(), false));
+        }
+        // A database that just failed to answer is not asked again by every relay
+        // waiting here, one timeout after another: they go to their full passes,
+        // which report the failure with their own bounds.
+        if held.failed_at.is_some_and(|t| t.elapsed() < max_age) {
+            return Err(PgError::Query {
+                action: ACTION,
+                code: None,
+                detail: "the last read of this database failed moments ago".into(),
+            });
         }
         let read = async {
             let client = pool.get(cfg).await?;
@@ -267,18 +284,31 @@ impl Snapshots {
             client.release();
             Ok::<_, PgError>(snapshot)
         };
-        let snapshot = match tokio::time::timeout(timeout, read).await {
-            Ok(r) => Arc::new(r?),
-            Err(_) => {
-                return Err(PgError::Query {
-                    action: ACTION,
-                    code: None,
-                    detail: format!("no answer within {} s", timeout.as_secs()),
-                });
-            }
+        let result = match tokio::time::timeout(timeout, read).await {
+            Ok(r) => r,
+            Err(_) => Err(PgError::Query {
+                action: ACTION,
+                code: None,
+                detail: format!("no answer within {} s", timeout.as_secs()),
+            }),
         };
-        *held = Some(snapshot.clone());
-        Ok((snapshot, true))
+        match result {
+            Ok(snapshot) => {
+                let snapshot = Arc::new(snapshot);
+                *held = Held {
+                    snapshot: Some(snapshot.clone()),
+                    failed_at: None,
+                };
+                Ok((snapshot, true))
+            }
+            Err(e) => {
+                *held = Held {
+                    snapshot: None,
+                    failed_at: Some(Instant::now()),
+                };
+                Err(e)
+            }
+        }
     }
 
     /// Forgets `cfg`'s snapshot: the operator just changed what it describes, and
@@ -290,7 +320,7 @@ impl Snapshots {
         if let Some((cell, _)) = cells.get(&Pool::key(cfg))
             && let Ok(mut held) = cell.try_lock()
         {
-            *held = None;
+            held.snapshot = None;
         }
     }
 
@@ -301,5 +331,54 @@ impl Snapshots {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::PgSslMode;
+
+    /// A server nobody listens on: connecting fails at once.
+    fn nowhere() -> PgConnectConfig {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        PgConnectConfig {
+            host: "127.0.0.1".into(),
+            port,
+            dbname: "app".into(),
+            user: "relay".into(),
+            password: Some("secret".into()),
+            ssl_mode: PgSslMode::Disable,
+            ca_pem: None,
+            application_name: "test".into(),
+            allow_cleartext_password: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_is_not_repeated_by_every_waiting_relay() {
+        let (snapshots, pool, cfg) = (Snapshots::default(), Pool::new(), nowhere());
+        let age = Duration::from_secs(30);
+        let first = snapshots.get(&pool, &cfg, age, Duration::from_secs(5)).await;
+        let Err(first) = first else {
+            panic!("nothing listens there")
+        };
+        assert!(!first.to_string().contains("moments ago"), "{first}");
+        // The next relay of that database goes straight to its full pass.
+        let second = snapshots.get(&pool, &cfg, age, Duration::from_secs(5)).await;
+        let Err(second) = second else {
+            panic!("nothing listens there")
+        };
+        assert!(second.to_string().contains("moments ago"), "{second}");
+        // Once the interval is over, the database is asked again.
+        let later = snapshots.get(&pool, &cfg, Duration::ZERO, Duration::from_secs(5)).await;
+        let Err(later) = later else {
+            panic!("nothing listens there")
+        };
+        assert!(!later.to_string().contains("moments ago"), "{later}");
+        assert_eq!(snapshots.len(), 1);
     }
 }
