@@ -280,7 +280,7 @@ pub async fn provision(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Res
     let uid = relay.uid().unwrap_or_default();
     // A healthy relay is confirmed from its database's shared snapshot when it
     // can be; the full pass below is the only one that acts.
-    if let Some(bound) = super::steady::confirm(relay, ctx, v, &remembered(relay, &target.slot)).await {
+    if let Some(bound) = super::steady::confirm(relay, ctx, v).await {
         ctx.metrics.database_pass("confirmed");
         return Ok(Provision::Bound(bound, None));
     }

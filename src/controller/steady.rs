@@ -25,7 +25,7 @@ use super::Context;
 use super::validate::Validated;
 use crate::api::OutboxRelay;
 use crate::api::conditions::{find, types};
-use crate::postgres::binding::{self, Bound, Intent};
+use crate::postgres::binding::{self, Bound};
 
 /// A relay gets a full pass at least this many requeue intervals apart.
 pub const FULL_EVERY: u32 = 10;
@@ -83,7 +83,7 @@ pub fn eligible(relay: &OutboxRelay, since_full: Option<Duration>, full_every: D
 /// The steady pass: `Some` when the snapshot confirms the relay's objects as they
 /// are; `None` sends the reconcile through the full pass. A snapshot that cannot be
 /// read also gives `None`: the full pass then reports what is wrong.
-pub async fn confirm(relay: &OutboxRelay, ctx: &Context, v: &Validated, intent: &Intent) -> Option<Bound> {
+pub async fn confirm(relay: &OutboxRelay, ctx: &Context, v: &Validated) -> Option<Bound> {
     let interval = ctx.config.requeue_interval;
     let uid = relay.uid().unwrap_or_default();
     if !eligible(relay, ctx.full_passes.age(&uid), interval * FULL_EVERY) {
@@ -104,7 +104,10 @@ pub async fn confirm(relay: &OutboxRelay, ctx: &Context, v: &Validated, intent: 
         ctx.metrics.database_snapshot();
     }
     let owner = super::apply::owner_of(relay);
-    binding::confirm(&target.binding(&owner), &snapshot, intent)
+    // No owner counts as gone here: a record of anyone else's is left to the full
+    // pass, which asks the API server.
+    let intent = super::apply::remembered(relay, &target.slot);
+    binding::confirm(&target.binding(&owner), &snapshot, &intent)
 }
 
 #[cfg(test)]

@@ -34,6 +34,13 @@ pub struct Prerequisites {
     pub max_replication_slots: i64,
 }
 
+/// Whether the role `r` (a `pg_roles` row) may stream: the REPLICATION attribute,
+/// or, on managed services (Amazon RDS/Aurora), membership in the role they grant
+/// replication through instead. Shared with `snapshot`, so both read it alike.
+pub(super) const REPLICATION_GRANTED: &str = "(r.rolreplication
+     OR EXISTS (SELECT 1 FROM pg_roles g
+                WHERE g.rolname = 'rds_replication' AND pg_has_role(g.oid, 'MEMBER')))";
+
 /// Types the payload column may have; the relay sends its value as stored.
 const PAYLOAD_TYPES: &[&str] = &["json", "jsonb", "text", "varchar", "bytea"];
 /// Types the optional headers column may have (a JSON object, possibly stored as text).
@@ -78,7 +85,8 @@ async fn check(
     let action = "read server settings";
     let row = client
         .query_one(
-            "SELECT current_setting('server_version'),
+            &format!(
+                "SELECT current_setting('server_version'),
                     current_setting('server_version_num')::int4,
                     current_setting('wal_level'),
                     pg_is_in_recovery(),
@@ -86,15 +94,12 @@ async fn check(
                     current_user::text,
                     current_database()::text,
                     r.rolsuper,
-                    r.rolreplication
-                    -- Managed services (Amazon RDS/Aurora) grant replication through
-                    -- membership in this role instead of the REPLICATION attribute.
-                    OR EXISTS (SELECT 1 FROM pg_roles g
-                               WHERE g.rolname = 'rds_replication' AND pg_has_role(g.oid, 'MEMBER')),
+                    {REPLICATION_GRANTED},
                     current_setting('max_replication_slots')::int8,
                     (SELECT count(*) FROM pg_replication_slots),
                     EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)
-             FROM pg_roles r WHERE r.rolname = current_user",
+             FROM pg_roles r WHERE r.rolname = current_user"
+            ),
             &[&slot_name],
         )
         .await

@@ -23,6 +23,7 @@ use super::binding::{Observation, Target};
 use super::error::{col, query_error};
 use super::objects::PublicationState;
 use super::pool::Pool;
+use super::provision::REPLICATION_GRANTED;
 use super::slot::{SLOTS_SQL, slot_info};
 use super::{OUTPUT_PLUGIN, PgConnectConfig, PgError, SlotInfo};
 
@@ -46,10 +47,10 @@ impl SlotRow {
     }
 }
 
-/// A publication with its ownership comment.
+/// A publication with its ownership record, parsed once per snapshot.
 pub struct PublicationRow {
     pub name: String,
-    pub comment: Option<String>,
+    pub ownership: Ownership,
     pub(super) state: PublicationState,
 }
 
@@ -87,10 +88,9 @@ impl Snapshot {
         let mut publication = None;
         let mut slot_claims: Vec<Marker> = Vec::new();
         for p in &self.publications {
-            let ownership = Ownership::parse(p.comment.as_deref());
             if p.name == t.publication {
-                publication = Some(ownership);
-            } else if let Some(m) = ownership.marker()
+                publication = Some(p.ownership.clone());
+            } else if let Some(m) = p.ownership.marker()
                 && m.slot == t.slot
             {
                 slot_claims.push(m.clone());
@@ -114,16 +114,16 @@ pub async fn take(client: &Client) -> Result<Snapshot, PgError> {
     let taken = Instant::now();
     let row = client
         .query_one(
-            "SELECT current_setting('wal_level'),
+            &format!(
+                "SELECT current_setting('wal_level'),
                     pg_is_in_recovery(),
-                    r.rolsuper OR r.rolreplication
-                    OR EXISTS (SELECT 1 FROM pg_roles g
-                               WHERE g.rolname = 'rds_replication' AND pg_has_role(g.oid, 'MEMBER')),
+                    r.rolsuper OR {REPLICATION_GRANTED},
                     (SELECT system_identifier::text FROM pg_control_system()),
                     current_database()::text,
                     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END,
                     current_setting('server_version_num')::int4
-             FROM pg_roles r WHERE r.rolname = current_user",
+             FROM pg_roles r WHERE r.rolname = current_user"
+            ),
             &[],
         )
         .await
@@ -187,7 +187,7 @@ pub async fn take(client: &Client) -> Result<Snapshot, PgError> {
         let names: Vec<String> = col(r, 9, ACTION)?;
         snapshot.publications.push(PublicationRow {
             name: col(r, 0, ACTION)?,
-            comment: col(r, 1, ACTION)?,
+            ownership: Ownership::parse(col::<Option<String>>(r, 1, ACTION)?.as_deref()),
             state: PublicationState {
                 all_tables: col(r, 2, ACTION)?,
                 insert: col(r, 3, ACTION)?,
@@ -323,15 +323,6 @@ impl Snapshots {
             held.snapshot = None;
         }
     }
-
-    /// Keys with a cell, for tests and the bench.
-    pub fn len(&self) -> usize {
-        self.cells().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]
@@ -379,6 +370,6 @@ mod tests {
             panic!("nothing listens there")
         };
         assert!(!later.to_string().contains("moments ago"), "{later}");
-        assert_eq!(snapshots.len(), 1);
+        assert_eq!(snapshots.cells().len(), 1);
     }
 }

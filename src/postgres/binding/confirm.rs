@@ -93,10 +93,10 @@ mod tests {
         }
     }
 
-    fn publication(name: &str, comment: Option<String>) -> PublicationRow {
+    fn publication(name: &str, owner: Marker) -> PublicationRow {
         PublicationRow {
             name: name.into(),
-            comment,
+            ownership: Ownership::Marked(owner),
             state: PublicationState {
                 all_tables: false,
                 insert: true,
@@ -138,7 +138,7 @@ mod tests {
                 logical: true,
                 temporary: false,
             }],
-            publications: vec![publication(PUBLICATION, Some(marker("uid-me").to_comment()))],
+            publications: vec![publication(PUBLICATION, marker("uid-me"))],
         }
     }
 
@@ -207,7 +207,7 @@ mod tests {
         assert!(check(&updates, &intent()).is_none());
 
         let mut someone_elses = healthy();
-        someone_elses.publications[0].comment = Some(marker("uid-other").to_comment());
+        someone_elses.publications[0].ownership = Ownership::Marked(marker("uid-other"));
         assert!(check(&someone_elses, &intent()).is_none());
 
         // The record predates the slot's start position: bind would complete it.
@@ -216,7 +216,7 @@ mod tests {
             slot_created_lsn: None,
             ..marker("uid-me")
         };
-        pending.publications[0].comment = Some(half.to_comment());
+        pending.publications[0].ownership = Ownership::Marked(half);
         assert!(check(&pending, &intent()).is_none());
     }
 
@@ -227,9 +227,7 @@ mod tests {
             namespace: "billing".into(),
             ..marker("uid-other")
         };
-        claimed
-            .publications
-            .push(publication("billing_outbox", Some(other.to_comment())));
+        claimed.publications.push(publication("billing_outbox", other));
         // A full pass is what tells a live claimant from a gone one.
         assert!(check(&claimed, &intent()).is_none());
     }
